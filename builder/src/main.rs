@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
+use kiln_spec::diff::diff;
+use kiln_spec::render::{Manifest, read_manifest, render, write_tree};
 use kiln_spec::validate::{Context, load_file};
 
 #[derive(Parser, Debug)]
@@ -20,6 +22,16 @@ enum Command {
     Check { spec: PathBuf },
     /// Print the JSON Schema of the spec format (for editor completion).
     Schema,
+    /// Render the files kiln manages on the device into DIR (DIR/etc/..., plus DIR/etc/kiln/manifest.json).
+    Render {
+        spec: PathBuf,
+        /// Output directory; written beside it and renamed into place when complete.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// List what changes between two generations and what applying it takes. Each side is a
+    /// spec file or a directory written by `kiln render`.
+    Diff { old: PathBuf, new: PathBuf },
 }
 
 fn main() -> ExitCode {
@@ -50,11 +62,50 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         },
+        Command::Render { spec, out } => {
+            let Some(manifest) = rendered(&spec)? else { return Ok(ExitCode::FAILURE) };
+            write_tree(&manifest, &out).with_context(|| format!("writing the generation to {}", out.display()))?;
+            println!(
+                "{}: generation {} ({} entries) in {}",
+                spec.display(),
+                manifest.generation,
+                manifest.entries.len(),
+                out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Diff { old, new } => {
+            let (Some(a), Some(b)) = (generation(&old)?, generation(&new)?) else { return Ok(ExitCode::FAILURE) };
+            println!("generation {} -> {}", a.generation, b.generation);
+            print!("{}", diff(&a, &b));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Schema => {
             let text =
                 serde_json::to_string_pretty(&kiln_spec::schema::json_schema()).context("serializing the schema")?;
             println!("{text}");
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// Validates and renders a spec; prints its errors and returns None when it is invalid.
+fn rendered(spec: &std::path::Path) -> Result<Option<Manifest>> {
+    match load_file(spec, Context::Host) {
+        Ok(loaded) => Ok(Some(render(&loaded).with_context(|| format!("rendering {}", spec.display()))?)),
+        Err(diags) => {
+            eprintln!("{diags}");
+            eprintln!("{}: {} error(s)", spec.display(), diags.items.len());
+            Ok(None)
+        }
+    }
+}
+
+/// A generation from a spec file or a rendered directory.
+fn generation(path: &std::path::Path) -> Result<Option<Manifest>> {
+    if path.is_dir() {
+        Ok(Some(read_manifest(path).with_context(|| format!("reading the generation in {}", path.display()))?))
+    } else {
+        rendered(path)
     }
 }
