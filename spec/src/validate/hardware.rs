@@ -217,10 +217,17 @@ impl Validator<'_> {
                 if ![".img", ".img.xz", ".img.zst"].iter().any(|ext| img.ends_with(ext)) {
                     self.err("base.image", format!("`{img}` is not a .img, .img.xz or .img.zst file"));
                 }
-                let path = match self.ctx {
-                    Context::Host => self.existing_file("base.image", img, "base image"),
-                    Context::Device => Some(self.host_path(img)),
-                };
+                // Rendering does not read the base image (it is pinned by sha256 and only
+                // `kiln build` opens it), so a missing one is a warning here, an error there.
+                let path = self.host_path(img);
+                if self.ctx == Context::Host {
+                    match std::fs::metadata(&path) {
+                        Ok(m) if !m.is_file() => self.err("base.image", format!("`{img}` is not a regular file")),
+                        Ok(_) => {}
+                        Err(e) => self.warn("base.image", format!("`{img}` cannot be read ({e}); `kiln build` needs it: download it next to the spec")),
+                    }
+                }
+                let path = Some(path);
                 match sha.as_deref() {
                     None => self.err_key("base", "base.image needs its sha256 (64 hex digits, from the download page's .sha256 file or `sha256sum`)"),
                     Some(s) if !is_sha256(s) => self.err("base.sha256", sha256_message(s)),

@@ -116,6 +116,9 @@ impl Validator<'_> {
             self.err(&format!("{p}.name"), format!("`{}` is not a user name; use up to 32 lowercase letters, digits, `_` and `-`, starting with a letter", u.name));
             ok = false;
         }
+        if u.name == "root" {
+            self.err(&format!("{p}.name"), "root is not managed by kiln; declare your own user with sudo: true");
+        }
         if u.name == "kiln" {
             self.err(&format!("{p}.name"), "`kiln` is the supervisor's own system user; choose another name");
         }
