@@ -30,9 +30,24 @@ fn main() -> ExitCode {
         Command::Check { spec } => match load_file(&spec, Context::Device) {
             Ok(loaded) => {
                 let s = &loaded.spec;
-                println!("{}: ok: {} on {}, {} model(s), listening on {}", spec.display(), s.name, loaded.raw.hardware.ram.0, s.models.len(), s.supervisor.listen);
+                println!(
+                    "{}: ok: {} on {}, {} model(s), listening on {}",
+                    spec.display(),
+                    s.name,
+                    loaded.raw.hardware.ram.0,
+                    s.models.len(),
+                    s.supervisor.listen
+                );
                 for m in &s.models {
-                    println!("  {} {} ({} MiB, context {}, {} threads{})", m.id, m.store_path(), kiln_spec::units::mib(m.size_bytes), m.context, m.threads, if m.pin { ", pinned" } else { "" });
+                    println!(
+                        "  {} {} ({} MiB, context {}, {} threads{})",
+                        m.id,
+                        m.store_path(),
+                        kiln_spec::units::mib(m.size_bytes),
+                        m.context,
+                        m.threads,
+                        if m.pin { ", pinned" } else { "" }
+                    );
                 }
                 ExitCode::SUCCESS
             }

@@ -21,8 +21,7 @@ impl Validator<'_> {
         let tmpfs = mem.and_then(|m| m.tmpfs.as_ref());
         let tmpfs_bytes = tmpfs.map_or(0, |t| t.size_bytes);
         let hot_budget_bytes = match &c.hot_budget {
-            Some(q) => {
-                let b = self.qty("cache.hot-budget", Some(q), parse_bytes)?;
+            Some(q) => self.qty("cache.hot-budget", Some(q), parse_bytes).inspect(|&b| {
                 if tmpfs.is_some() && b > tmpfs_bytes {
                     self.err(
                         "cache.hot-budget",
@@ -33,27 +32,24 @@ impl Validator<'_> {
                         ),
                     );
                 }
-                b
-            }
-            None => tmpfs_bytes,
+            }),
+            None => Some(tmpfs_bytes),
         };
         let models = models.unwrap_or_default();
         let pinned: Vec<&Model> = models.iter().filter(|m| m.pin).collect();
         let pinned_bytes: u64 = pinned.iter().map(|m| m.size_bytes).sum();
-        if !pinned.is_empty() && hot_budget_bytes == 0 {
+        let hot = hot_budget_bytes.filter(|_| mem.is_some()).unwrap_or(u64::MAX);
+        if !pinned.is_empty() && hot == 0 {
             self.err_key(
                 "models",
                 "pinned models need a hot tier: add memory.tmpfs (or cache.hot-budget for page-cache warming)",
             );
-        } else if pinned_bytes > hot_budget_bytes {
+        } else if pinned_bytes > hot {
             let list =
                 pinned.iter().map(|m| format!("{} {} MiB", m.id, mib(m.size_bytes))).collect::<Vec<_>>().join(", ");
-            self.err_key("models", format!("pinned models take {} MiB ({list}) but the hot tier holds {} MiB; unpin one or grow memory.tmpfs.size", mib(pinned_bytes), mib(hot_budget_bytes)));
+            self.err_key("models", format!("pinned models take {} MiB ({list}) but the hot tier holds {} MiB; unpin one or grow memory.tmpfs.size", mib(pinned_bytes), mib(hot)));
         }
-        let keep_alive_secs = match &c.keep_alive {
-            Some(q) => self.qty("cache.keep-alive", Some(q), parse_duration_secs)?,
-            None => 30 * 60,
-        };
+        let keep_alive_secs = self.opt_secs("cache.keep-alive", &c.keep_alive, 30 * 60);
         let t = c.thresholds.clone().unwrap_or_default();
         let pct = |v: &mut Self, key: &str, q: &Option<raw::Quantity>, default: f64| match q {
             Some(q) => v.qty(&format!("cache.thresholds.{key}"), Some(q), parse_percent),
@@ -71,24 +67,25 @@ impl Validator<'_> {
         }
         let prewarm = self.prewarm(c.prewarm.as_ref(), models, ids);
         let r = c.responses.clone().unwrap_or_default();
-        let responses = ResponseCache {
-            memory_bytes: self.opt_bytes("cache.responses.memory", &r.memory, 64 << 20)?,
-            disk_bytes: self.opt_bytes("cache.responses.disk", &r.disk, 256 << 20)?,
-            ttl_secs: self.opt_secs("cache.responses.ttl", &r.ttl, 24 * 3600)?,
-        };
+        let responses = (
+            self.opt_bytes("cache.responses.memory", &r.memory, 64 << 20),
+            self.opt_bytes("cache.responses.disk", &r.disk, 256 << 20),
+            self.opt_secs("cache.responses.ttl", &r.ttl, 24 * 3600),
+        );
         let pfx = c.prefix.clone().unwrap_or_default();
         let dir = pfx.dir.clone().unwrap_or_else(|| "/var/cache/kiln/prefix".into());
         self.device_dir("cache.prefix.dir", &dir);
-        let prefix = PrefixCache {
-            dir,
-            size_bytes: self.opt_bytes("cache.prefix.size", &pfx.size, 512 << 20)?,
-            ttl_secs: self.opt_secs("cache.prefix.ttl", &pfx.ttl, 7 * 24 * 3600)?,
-        };
+        let prefix = (
+            self.opt_bytes("cache.prefix.size", &pfx.size, 512 << 20),
+            self.opt_secs("cache.prefix.ttl", &pfx.ttl, 7 * 24 * 3600),
+        );
         let (_, prewarm) = (mem?, prewarm?);
+        let responses = ResponseCache { memory_bytes: responses.0?, disk_bytes: responses.1?, ttl_secs: responses.2? };
+        let prefix = PrefixCache { dir, size_bytes: prefix.0?, ttl_secs: prefix.1? };
         Some(Cache {
-            hot_budget_bytes,
+            hot_budget_bytes: hot_budget_bytes?,
             eviction: c.eviction.unwrap_or(EvictionPolicy::GreedyDualSize),
-            keep_alive_secs,
+            keep_alive_secs: keep_alive_secs?,
             warn_percent: warn?,
             evict_percent: evict?,
             emergency_percent: emergency?,
@@ -122,15 +119,13 @@ impl Validator<'_> {
                 at_boot: false,
             });
         };
-        let mut windows: Vec<Window> = Vec::new();
+        let mut windows: Vec<(usize, Window)> = Vec::new();
         let mut ok = true;
         for (i, text) in p.windows.iter().enumerate() {
             let path = format!("cache.prewarm.windows[{i}]");
             match parse_window(text) {
                 Ok(w) => {
-                    if let Some((j, at)) =
-                        windows.iter().enumerate().find_map(|(j, other)| overlap(other, &w).map(|at| (j, at)))
-                    {
+                    if let Some((j, at)) = windows.iter().find_map(|(j, other)| overlap(other, &w).map(|at| (*j, at))) {
                         self.err(
                             &path,
                             format!(
@@ -139,7 +134,7 @@ impl Validator<'_> {
                             ),
                         );
                     }
-                    windows.push(w);
+                    windows.push((i, w));
                 }
                 Err(e) => {
                     self.err(&path, e);
@@ -155,14 +150,13 @@ impl Validator<'_> {
                 self.err(&format!("cache.prewarm.models[{i}]"), format!("no model has id `{id}`{hint}"));
             }
         }
-        let rate_bytes_per_sec = match &p.rate {
-            Some(q) => Some(self.qty("cache.prewarm.rate", Some(q), parse_rate)?),
-            None => None,
-        };
+        let rate_bytes_per_sec = self.qty("cache.prewarm.rate", p.rate.as_ref(), parse_rate);
+        ok &= p.rate.is_none() || rate_bytes_per_sec.is_some();
         if rate_bytes_per_sec == Some(0) {
             self.err("cache.prewarm.rate", "0 bytes per second would never finish; remove rate for no cap");
         }
         let ids = if p.models.is_empty() { pinned_ids(models) } else { p.models.clone() };
+        let windows = windows.into_iter().map(|(_, w)| w).collect();
         ok.then_some(Prewarm { windows, models: ids, rate_bytes_per_sec, at_boot: p.at_boot.unwrap_or(false) })
     }
 

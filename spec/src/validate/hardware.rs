@@ -28,7 +28,7 @@ impl Validator<'_> {
                 self.err(
                     "hardware.ram",
                     format!(
-                        "{} is not a {} variant; it is sold with {list}",
+                        "{} is not a RAM size {} is sold with; use one of {list}",
                         format_bytes(ram),
                         profile_name(&profile)
                     ),
@@ -47,11 +47,10 @@ impl Validator<'_> {
         }
         let storage = hw.storage.unwrap_or(profile.default_storage);
         if !profile.storage.contains(&storage) {
-            let list = profile.storage.iter().map(|s| format!("{s:?}").to_lowercase()).collect::<Vec<_>>().join(", ");
-            self.err(
-                "hardware.storage",
-                format!("{} cannot boot from {storage:?}; use one of {list}", profile_name(&profile)).to_lowercase(),
-            );
+            let name = |s: &raw::Storage| format!("{s:?}").to_lowercase();
+            let list = profile.storage.iter().map(name).collect::<Vec<_>>().join(", ");
+            let msg = format!("{} cannot boot from {}; use one of {list}", profile_name(&profile), name(&storage));
+            self.err("hardware.storage", msg);
         }
         let pcie_gen = match hw.pcie_gen {
             Some(g) if profile.pcie_gens.is_empty() => {
@@ -224,7 +223,12 @@ impl Validator<'_> {
                     match std::fs::metadata(&path) {
                         Ok(m) if !m.is_file() => self.err("base.image", format!("`{img}` is not a regular file")),
                         Ok(_) => {}
-                        Err(e) => self.warn("base.image", format!("`{img}` cannot be read ({e}); `kiln build` needs it: download it next to the spec")),
+                        Err(e) => self.warn(
+                            "base.image",
+                            format!(
+                                "`{img}` cannot be read ({e}); `kiln build` needs it: download it next to the spec"
+                            ),
+                        ),
                     }
                 }
                 let path = Some(path);
@@ -256,7 +260,7 @@ impl Validator<'_> {
                     self.err(
                         "base.debian.arch",
                         format!(
-                            "{} is {}; a {} base cannot boot it",
+                            "{} is {}; a base built for {} cannot boot it",
                             profile_name(&hw.profile),
                             arch_name(hw.profile.arch),
                             arch_name(arch)
@@ -284,7 +288,9 @@ impl Validator<'_> {
         }
     }
 
-    pub(super) fn memory(&mut self, m: &raw::Memory, hw: &Hardware) -> Option<Memory> {
+    /// Checks that compare with the board run when `hw` is valid.
+    pub(super) fn memory(&mut self, m: &raw::Memory, hw: Option<&Hardware>) -> Option<Memory> {
+        let ram = hw.map(|hw| hw.ram_bytes);
         let mut ok = true;
         let zram = match &m.zram {
             Some(z) => match self.qty("memory.zram.size", Some(&z.size), parse_bytes) {
@@ -293,8 +299,8 @@ impl Validator<'_> {
                     None
                 }
                 Some(size) => {
-                    if size > 2 * hw.ram_bytes {
-                        self.err("memory.zram.size", format!("{} is more than twice the board's {} of RAM; zram that large thrashes (use at most {})", format_bytes(size), format_bytes(hw.ram_bytes), format_bytes(hw.ram_bytes)));
+                    if let Some(ram) = ram.filter(|r| size > 2 * r) {
+                        self.err("memory.zram.size", format!("{} is more than twice the board's {} of RAM; zram that large thrashes (use at most {})", format_bytes(size), format_bytes(ram), format_bytes(ram)));
                     }
                     Some(Zram {
                         size_bytes: size,
@@ -389,7 +395,7 @@ impl Validator<'_> {
         }
     }
 
-    pub(super) fn cgroups(&mut self, c: &raw::Cgroups, hw: &Hardware) -> Option<Cgroups> {
+    pub(super) fn cgroups(&mut self, c: &raw::Cgroups, hw: Option<&Hardware>) -> Option<Cgroups> {
         let inference = self.limits("cgroups.inference", c.inference.as_ref(), hw)?;
         let mut kilnd = self.limits("cgroups.kilnd", c.kilnd.as_ref(), hw)?;
         kilnd.memory_max_bytes.get_or_insert(DEFAULT_KILND_MEMORY_MAX);
@@ -405,7 +411,7 @@ impl Validator<'_> {
         Some(Cgroups { inference, kilnd, prewarm })
     }
 
-    fn limits(&mut self, path: &str, l: Option<&raw::Limits>, hw: &Hardware) -> Option<Limits> {
+    fn limits(&mut self, path: &str, l: Option<&raw::Limits>, hw: Option<&Hardware>) -> Option<Limits> {
         let Some(l) = l else { return Some(Limits::default()) };
         let p = |k: &str| format!("{path}.{k}");
         let mut ok = true;
@@ -430,21 +436,17 @@ impl Validator<'_> {
             );
         }
         for (key, v) in [("memory-max", memory_max_bytes), ("memory-high", memory_high_bytes)] {
-            if v.is_some_and(|b| b > hw.ram_bytes) {
+            if let Some(ram) = hw.map(|hw| hw.ram_bytes).filter(|r| v.is_some_and(|b| b > *r)) {
                 self.err(
                     &p(key),
-                    format!(
-                        "{} is more than the board's {} of RAM",
-                        format_bytes(v.unwrap_or(0)),
-                        format_bytes(hw.ram_bytes)
-                    ),
+                    format!("{} is more than the board's {} of RAM", format_bytes(v.unwrap_or(0)), format_bytes(ram)),
                 );
             } else if v == Some(0) {
                 self.err(&p(key), "0 bytes would stop everything in this cgroup; remove the key for no limit");
             }
         }
         let cpus = self.qty(&p("cpus"), l.cpus.as_ref(), parse_cpuset);
-        if let Some(set) = &cpus {
+        if let (Some(set), Some(hw)) = (&cpus, hw) {
             let cores = hw.profile.cores;
             if let Some(bad) = set.iter().find(|c| **c >= cores) {
                 self.err(
@@ -461,7 +463,7 @@ impl Validator<'_> {
         }
         let quota = self.qty(&p("cpu-quota"), l.cpu_quota.as_ref(), parse_percent_unbounded);
         ok &= l.cpu_quota.is_none() || quota.is_some();
-        if let Some(q) = quota {
+        if let (Some(q), Some(hw)) = (quota, hw) {
             let max = hw.profile.cores * 100;
             if q == 0 || q > max {
                 self.err(&p("cpu-quota"), format!("{q}% is outside 1-{max}% ({} CPUs)", hw.profile.cores));

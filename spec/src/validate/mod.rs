@@ -177,7 +177,7 @@ impl Validator<'_> {
     }
     /// Resolves a host path from the spec against the spec's directory.
     pub fn host_path(&self, p: &str) -> PathBuf {
-        let path = Path::new(p);
+        let path = Path::new(p.strip_prefix("./").unwrap_or(p));
         if path.is_absolute() { path.to_path_buf() } else { self.base_dir.join(path) }
     }
     /// Checks that a host file named by the spec exists and is a regular file.
@@ -212,14 +212,8 @@ impl Validator<'_> {
             (Some(s), Some(name)) => self.system(s, name),
             _ => None,
         };
-        let memory = match (&hardware, &raw.memory) {
-            (Some(hw), Some(m)) => self.memory(m, hw),
-            _ => None,
-        };
-        let cgroups = match (&hardware, &raw.cgroups) {
-            (Some(hw), Some(c)) => self.cgroups(c, hw),
-            _ => None,
-        };
+        let memory = raw.memory.as_ref().and_then(|m| self.memory(m, hardware.as_ref()));
+        let cgroups = raw.cgroups.as_ref().and_then(|c| self.cgroups(c, hardware.as_ref()));
         let models = self.models(&raw.models, hardware.as_ref(), cgroups.as_ref());
         let ids: Vec<&str> = raw.models.iter().flatten().map(|m| m.id.as_str()).collect();
         let cache = raw.cache.as_ref().and_then(|c| self.cache(c, memory.as_ref(), models.as_deref(), &ids));

@@ -41,10 +41,10 @@ impl Validator<'_> {
         let mut users = Vec::new();
         for (i, u) in s.users.iter().enumerate() {
             let p = format!("system.users[{i}]");
+            if s.users[..i].iter().any(|x| x.name == u.name) {
+                self.err(&format!("{p}.name"), format!("user `{}` is declared twice", u.name));
+            }
             if let Some(user) = self.user(&p, u) {
-                if users.iter().any(|x: &User| x.name == user.name) {
-                    self.err(&format!("{p}.name"), format!("user `{}` is declared twice", user.name));
-                }
                 users.push(user);
             }
         }
