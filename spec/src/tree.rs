@@ -111,12 +111,10 @@ pub fn remove(root: &mut Value, path: &str) {
         }
     } else if let Some(i) =
         last.strip_prefix('[').and_then(|x| x.strip_suffix(']')).and_then(|x| x.parse::<usize>().ok())
+        && let Value::Array(items) = container
+        && i < items.len()
     {
-        if let Value::Array(items) = container {
-            if i < items.len() {
-                items.remove(i);
-            }
-        }
+        items.remove(i);
     }
 }
 
