@@ -5,6 +5,10 @@ use std::process::ExitCode;
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
+
+mod ui;
+use kiln_builder::base::Cache;
+use kiln_builder::build;
 use kiln_spec::diff::diff;
 use kiln_spec::render::{Manifest, read_manifest, render, write_tree};
 use kiln_spec::validate::{Context, load_file};
@@ -32,6 +36,25 @@ enum Command {
     /// List what changes between two generations and what applying it takes. Each side is a
     /// spec file or a directory written by `kiln render`.
     Diff { old: PathBuf, new: PathBuf },
+    /// Build a flashable image: DIR/NAME.img, NAME.img.bmap, NAME.img.sha256. Rootless; the
+    /// base is cached (KILN_CACHE, default ~/.cache/kiln); SOURCE_DATE_EPOCH makes it bit-reproducible.
+    Build {
+        spec: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// The kilnd binary for the board's architecture (default: the one next to kiln).
+        #[arg(long)]
+        kilnd: Option<PathBuf>,
+        /// Also write a compressed image.
+        #[arg(long, value_enum)]
+        compress: Option<CompressArg>,
+    },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum CompressArg {
+    Zstd,
+    Xz,
 }
 
 fn main() -> ExitCode {
@@ -78,6 +101,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let (Some(a), Some(b)) = (generation(&old)?, generation(&new)?) else { return Ok(ExitCode::FAILURE) };
             println!("generation {} -> {}", a.generation, b.generation);
             print!("{}", diff(&a, &b));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Build { spec, out, kilnd, compress } => {
+            let opts = build::Options {
+                spec,
+                out,
+                kilnd,
+                compress: compress.map(|c| match c {
+                    CompressArg::Zstd => build::Compression::Zstd,
+                    CompressArg::Xz => build::Compression::Xz,
+                }),
+                epoch: build::epoch_from_env()?,
+                cache: Cache::from_env(),
+            };
+            let report = build::build(&opts, &ui::Terminal::new())?;
+            print!("{}", ui::report(&report));
             Ok(ExitCode::SUCCESS)
         }
         Command::Schema => {
