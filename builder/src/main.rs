@@ -49,6 +49,19 @@ enum Command {
         #[arg(long, value_enum)]
         compress: Option<CompressArg>,
     },
+    /// Write an image to an SD card, NVMe disk or file: refuses disks in use, writes only
+    /// mapped blocks (the first MiB last), verifies them against the block map, and wipes the
+    /// partition table if anything fails so a half-written disk never boots.
+    Flash {
+        image: PathBuf,
+        target: PathBuf,
+        /// Block map (default: IMAGE.bmap, else the image is mapped now).
+        #[arg(long)]
+        bmap: Option<PathBuf>,
+        /// Do not ask for confirmation (the safety checks still run).
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -117,6 +130,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             let report = build::build(&opts, &ui::Terminal::new())?;
             print!("{}", ui::report(&report));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Flash { image, target, bmap, yes } => {
+            let opts = kiln_builder::flash::FlashOptions { image, bmap, target, assume_yes: yes };
+            let report = kiln_builder::flash::flash(&opts, &mut ui::confirm_target, &ui::flash_progress())?;
+            println!(
+                "flashed {} to {}: {} MiB written and verified ({} ranges) in {:.1}s",
+                opts.image.display(),
+                opts.target.display(),
+                report.bytes_written / (1024 * 1024),
+                report.verified_ranges,
+                report.seconds
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Schema => {

@@ -92,3 +92,37 @@ pub fn report(r: &Report) -> String {
     let _ = writeln!(s, "  {total:>7.2}s  total");
     s
 }
+
+/// Shows the target and asks y/N on the terminal.
+pub fn confirm_target(t: &kiln_builder::flash::TargetInfo) -> bool {
+    use std::io::{BufRead, Write};
+    let what = if t.is_block_device { "disk" } else { "file" };
+    let model = t.model.as_deref().unwrap_or("unknown model");
+    eprint!(
+        "About to overwrite {what} {} ({model}, {:.1} GiB). Everything on it is lost. Continue? [y/N] ",
+        t.path.display(),
+        t.size_bytes as f64 / (1u64 << 30) as f64
+    );
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    if std::io::stdin().lock().read_line(&mut answer).is_err() {
+        return false;
+    }
+    matches!(answer.trim(), "y" | "Y" | "yes")
+}
+
+/// A progress bar with throughput for writing and verifying.
+pub fn flash_progress() -> impl Fn(u64, u64) {
+    let bar = ProgressBar::new(0);
+    let style = ProgressStyle::with_template("    write + verify [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    bar.set_style(style);
+    move |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+        if done >= total {
+            bar.finish_and_clear();
+        }
+    }
+}

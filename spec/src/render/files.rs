@@ -12,7 +12,7 @@ use crate::raw::Storage;
 use crate::units::{format_bytes, mib};
 use crate::validate::Loaded;
 
-const TEMPLATES: [(&str, &str); 20] = [
+const TEMPLATES: [(&str, &str); 21] = [
     ("header.j2", include_str!("../../templates/header.j2")),
     ("zram-generator.conf.j2", include_str!("../../templates/zram-generator.conf.j2")),
     ("sysctl.conf.j2", include_str!("../../templates/sysctl.conf.j2")),
@@ -33,6 +33,7 @@ const TEMPLATES: [(&str, &str); 20] = [
     ("eeprom-boot-order.sh.j2", include_str!("../../templates/eeprom-boot-order.sh.j2")),
     ("eeprom-boot-order.service.j2", include_str!("../../templates/eeprom-boot-order.service.j2")),
     ("rpi-swap.conf.j2", include_str!("../../templates/rpi-swap.conf.j2")),
+    ("dhcp.network.j2", include_str!("../../templates/dhcp.network.j2")),
 ];
 
 const UNIT_DIR: &str = "/etc/systemd/system";
@@ -333,6 +334,18 @@ fn system(out: &mut Out<'_>, spec: &Spec) -> Result<(), RenderError> {
         );
     } else {
         out.link(&format!("{UNIT_DIR}/ssh.service"), "/dev/null", Effect::DaemonReload);
+    }
+    if !spec.hardware.profile.is_pi() {
+        // Raspberry Pi OS brings NetworkManager; the VM boards' Debian base uses systemd-networkd.
+        out.tmpl("/etc/systemd/network/80-kiln-dhcp.network", "dhcp.network.j2", context! {}, Effect::RestartUnit)?;
+        out.restart(&["systemd-networkd.service"]);
+        for (target, unit) in [
+            ("multi-user.target", "systemd-networkd.service"),
+            ("sockets.target", "systemd-networkd.socket"),
+            ("network-online.target", "systemd-networkd-wait-online.service"),
+        ] {
+            out.link(&format!("{UNIT_DIR}/{target}.wants/{unit}"), &format!("/lib/systemd/system/{unit}"), Effect::DaemonReload);
+        }
     }
     if let Some(w) = &s.wifi {
         let ctx = context! { ssid => w.ssid.clone(), psk => w.psk.clone(), uuid => derived_uuid(&format!("kiln-wifi:{}:{}", spec.name, w.ssid)) };
