@@ -164,7 +164,7 @@ fn build_in(
     let kilnd_bytes = std::fs::metadata(kilnd).with_context(|| format!("reading {}", kilnd.display()))?.len();
     let payload: u64 = model_files.iter().map(|m| m.2).sum::<u64>() + kilnd_bytes;
     let root_bytes = plan::root_fs_size(block * blocks, payload);
-    ext4::grow(&root, root_bytes)?;
+    ext4::grow(&root, root_bytes, opts.epoch)?;
     t.finish(&format!("{} MiB", root_bytes / plan::MIB));
 
     let table = match &prepared.info.boot {

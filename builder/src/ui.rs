@@ -114,9 +114,10 @@ pub fn confirm_target(t: &kiln_builder::flash::TargetInfo) -> bool {
 /// A progress bar with throughput for writing and verifying.
 pub fn flash_progress() -> impl Fn(u64, u64) {
     let bar = ProgressBar::new(0);
-    let style = ProgressStyle::with_template("    write + verify [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}")
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> ");
+    let style =
+        ProgressStyle::with_template("    write + verify [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
     bar.set_style(style);
     move |done, total| {
         bar.set_length(total);

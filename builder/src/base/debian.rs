@@ -54,10 +54,16 @@ initrd=$(ls "$root"/boot/initrd.img-* | sort -V | tail -n 1)
 cp "$kernel" "$OUT/esp/vmlinuz"
 cp "$initrd" "$OUT/esp/initrd.img"
 cp "$root"/usr/lib/systemd/boot/efi/systemd-boot*.efi "$OUT/esp/"
-used=$(du -sb --exclude=./proc --exclude=./sys --exclude=./dev "$root" | cut -f1)
+# /proc, /sys and /dev are mounted in the chroot now: copy the tree without them (owners,
+# modes, hardlinks and xattrs kept) and make the filesystem from the copy.
+tree="$OUT/tree"
+mkdir "$tree"
+tar -C "$root" --one-file-system --xattrs --xattrs-include='*' -cf - . | tar -C "$tree" --xattrs --xattrs-include='*' -xpf -
+used=$(du -sb "$tree" | cut -f1)
 align=$((8 * 1024 * 1024))
 size=$(( (used + used / 4 + 256 * 1024 * 1024 + align - 1) / align * align ))
-E2FSPROGS_FAKE_TIME=$SOURCE_DATE_EPOCH mke2fs -q -t ext4 -b 4096 -L rootfs -U "$FS_UUID" -E "hash_seed=$HASH_SEED" -d "$root" "$OUT/root.ext4" $((size / 1024))k
+E2FSPROGS_FAKE_TIME=$SOURCE_DATE_EPOCH mke2fs -q -t ext4 -b 4096 -L rootfs -U "$FS_UUID" -E "hash_seed=$HASH_SEED" -d "$tree" "$OUT/root.ext4" $((size / 1024))k
+rm -rf "$tree"
 "#;
 
 /// The cached base for a recipe, running mmdebstrap if needed.

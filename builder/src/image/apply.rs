@@ -132,6 +132,6 @@ pub fn apply(image: &Path, items: &[Item], epoch: i64) -> Result<(), ApplyError>
     for dir in &touched {
         e.set_times(dir, epoch);
     }
-    e.apply(image)?;
+    e.apply(image, epoch)?;
     Ok(())
 }

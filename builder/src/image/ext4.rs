@@ -63,7 +63,7 @@ pub fn read_file(image: &Path, path: &str) -> Result<Option<Vec<u8>>, Ext4Error>
 /// Lists directories in one debugfs run; a directory that does not exist maps to None.
 pub fn list_dirs(image: &Path, dirs: &[String]) -> Result<BTreeMap<String, Option<Vec<DirEntry>>>, Ext4Error> {
     let script: String = dirs.iter().map(|d| format!("ls -p \"{d}\"\n")).collect();
-    let out = run_script(image, &script, false)?;
+    let out = run_script(image, &script, None)?;
     let mut result: BTreeMap<String, Option<Vec<DirEntry>>> = BTreeMap::new();
     let mut current: Option<String> = None;
     for line in String::from_utf8_lossy(&out.stdout).lines() {
@@ -99,16 +99,27 @@ pub fn list_dirs(image: &Path, dirs: &[String]) -> Result<BTreeMap<String, Optio
     Ok(result)
 }
 
-fn run_script(image: &Path, script: &str, write: bool) -> Result<tools::Output, Ext4Error> {
+/// e2fsprogs stamp superblocks and the inodes they touch with this instead of the wall
+/// clock when it is set (libext2fs reads E2FSPROGS_FAKE_TIME), which makes edits reproducible.
+fn fake_time(epoch: Option<i64>) -> Vec<(&'static str, String)> {
+    epoch.map(|e| vec![("E2FSPROGS_FAKE_TIME", e.to_string())]).unwrap_or_default()
+}
+
+fn env_refs<'a>(v: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    v.iter().map(|(k, val)| (*k, val.as_str())).collect()
+}
+
+fn run_script(image: &Path, script: &str, write: Option<i64>) -> Result<tools::Output, Ext4Error> {
     let mut file =
         tempfile::NamedTempFile::new().map_err(|source| Ext4Error::Script { image: image.to_path_buf(), source })?;
     file.write_all(script.as_bytes()).map_err(|source| Ext4Error::Script { image: image.to_path_buf(), source })?;
     let mut args: Vec<OsString> = Vec::new();
-    if write {
+    if write.is_some() {
         args.push("-w".into());
     }
     args.extend(["-f".into(), file.path().into(), image.into()]);
-    Ok(tools::run_full("debugfs", args, None, &[])?)
+    let env = fake_time(write);
+    Ok(tools::run_full("debugfs", args, None, &env_refs(&env))?)
 }
 
 /// A batch of edits, applied in one debugfs session.
@@ -144,12 +155,12 @@ impl Edits {
             self.script.push_str(&format!("sif \"{path}\" {field} @{epoch}\n"));
         }
     }
-    /// Runs the batch; any error debugfs prints fails the whole edit.
-    pub fn apply(&self, image: &Path) -> Result<(), Ext4Error> {
+    /// Runs the batch with `epoch` as the clock; any error debugfs prints fails the whole edit.
+    pub fn apply(&self, image: &Path, epoch: i64) -> Result<(), Ext4Error> {
         if self.script.is_empty() {
             return Ok(());
         }
-        let out = run_script(image, &self.script, true)?;
+        let out = run_script(image, &self.script, Some(epoch))?;
         let errors = errors_in(&out.stderr);
         if !errors.is_empty() {
             return Err(Ext4Error::Debugfs { image: image.to_path_buf(), errors: errors.join("\n") });
@@ -164,8 +175,9 @@ pub fn check(image: &Path) -> Result<(), Ext4Error> {
     Ok(())
 }
 
-/// Grows the filesystem in a file to `size_bytes` (the file grows sparsely first).
-pub fn grow(image: &Path, size_bytes: u64) -> Result<(), Ext4Error> {
+/// Grows the filesystem in a file to `size_bytes` (the file grows sparsely first), with
+/// `epoch` as the clock.
+pub fn grow(image: &Path, size_bytes: u64, epoch: i64) -> Result<(), Ext4Error> {
     let file = std::fs::OpenOptions::new()
         .write(true)
         .open(image)
@@ -173,7 +185,9 @@ pub fn grow(image: &Path, size_bytes: u64) -> Result<(), Ext4Error> {
     if file.metadata().map(|m| m.len()).unwrap_or(0) < size_bytes {
         file.set_len(size_bytes).map_err(|source| Ext4Error::Script { image: image.to_path_buf(), source })?;
     }
-    tools::run("resize2fs", [OsString::from("-f"), image.into(), format!("{}K", size_bytes / 1024).into()], None)?;
+    let env = fake_time(Some(epoch));
+    let args = [OsString::from("-f"), image.into(), format!("{}K", size_bytes / 1024).into()];
+    tools::run_env("resize2fs", args, None, &env_refs(&env))?;
     Ok(())
 }
 

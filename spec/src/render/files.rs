@@ -344,7 +344,11 @@ fn system(out: &mut Out<'_>, spec: &Spec) -> Result<(), RenderError> {
             ("sockets.target", "systemd-networkd.socket"),
             ("network-online.target", "systemd-networkd-wait-online.service"),
         ] {
-            out.link(&format!("{UNIT_DIR}/{target}.wants/{unit}"), &format!("/lib/systemd/system/{unit}"), Effect::DaemonReload);
+            out.link(
+                &format!("{UNIT_DIR}/{target}.wants/{unit}"),
+                &format!("/lib/systemd/system/{unit}"),
+                Effect::DaemonReload,
+            );
         }
     }
     if let Some(w) = &s.wifi {
