@@ -387,13 +387,6 @@ fn root_items(
         owner: Some((0, 0)),
     });
     let kiln_ids = owner("kiln:kiln")?;
-    items.push(Item { path: "/var/lib/kiln".into(), what: What::Dir, mode: Some(0o750), owner: Some(kiln_ids) });
-    items.push(Item {
-        path: kiln_spec::model::STORE_DIR.into(),
-        what: What::Dir,
-        mode: Some(0o750),
-        owner: Some(kiln_ids),
-    });
     for (store_path, file, _) in model_files {
         items.push(Item {
             path: store_path.clone(),

@@ -182,6 +182,22 @@ fn kiln(out: &mut Out<'_>, loaded: &Loaded) -> Result<(), RenderError> {
         out.file(API_TOKEN_PATH, 0o600, KILN, Effect::RestartKilnd, format!("{}\n", token.trim()).into_bytes());
     }
     out.tmpl("/etc/sysusers.d/kiln.conf", "sysusers-kiln.conf.j2", context! {}, Effect::TmpfilesSysusers)?;
+    // kiln's directories exist in the image itself: the tmpfs mount point must be there before
+    // the root is writable, and the store before kilnd starts.
+    let mut kiln_dirs: Vec<String> = vec![
+        "/var/lib/kiln".into(),
+        crate::model::STORE_DIR.into(),
+        "/var/cache/kiln".into(),
+        spec.cache.prefix.dir.clone(),
+    ];
+    if let Some(t) = &spec.memory.tmpfs {
+        kiln_dirs.push(t.path.clone());
+    }
+    kiln_dirs.sort();
+    kiln_dirs.dedup();
+    for d in &kiln_dirs {
+        out.dir(d, 0o750, KILN);
+    }
     let mut dirs: Vec<String> = vec![spec.cache.prefix.dir.clone()];
     if let Some(t) = &spec.memory.tmpfs {
         dirs.push(t.path.clone());
