@@ -251,3 +251,44 @@ fn the_image_flashes_byte_for_byte_with_kiln_and_bmaptool() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(sha256_file(&flashed), r.sha256);
 }
+
+#[test]
+fn compressed_bases_and_outputs_give_the_same_image() {
+    let test = "compressed_bases_and_outputs_give_the_same_image";
+    let (Some(fixture), Some(kilnd)) = (rpi_fixture(test), kilnd_aarch64(test)) else { return };
+    if !available(test, "zstd and xz", have("zstd") && have("xz")) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let plain = build(&options(&pi_spec(tmp.path(), &fixture, 10), &tmp.path().join("plain"), &kilnd), &Quiet).unwrap();
+    for (tool, args, ext) in
+        [("zstd", vec!["-q", "-T0", "-3", "-c"], "zst"), ("xz", vec!["-q", "-T0", "-0", "-c"], "xz")]
+    {
+        let packed = tmp.path().join(format!("rpi-like.img.{ext}"));
+        let out = Command::new(tool).args(&args).arg(&fixture).output().unwrap();
+        assert!(out.status.success());
+        std::fs::write(&packed, out.stdout).unwrap();
+        let dir = tmp.path().join(ext);
+        std::fs::create_dir_all(&dir).unwrap();
+        let spec = pi_spec(&dir, &packed, 10);
+        let mut opts = options(&spec, &dir.join("out"), &kilnd);
+        opts.compress = Some(if ext == "zst" {
+            kiln_builder::build::Compression::Zstd
+        } else {
+            kiln_builder::build::Compression::Xz
+        });
+        let r = build(&opts, &Quiet).unwrap();
+        // The pin differs (so the generation does), but the unpacked base must not.
+        for part in ["root.ext4", "boot.vfat"] {
+            let cached = |key: &str| sha256_file(&cache_dir().join("bases").join(key).join(part));
+            assert_eq!(cached(&r.base_key), cached(&plain.base_key), "a .img.{ext} base unpacks to a different {part}");
+        }
+        let compressed = dir.join(format!("out/fixture-pi.img.{ext}"));
+        let sums = std::fs::read_to_string(dir.join("out/fixture-pi.img.sha256")).unwrap();
+        assert!(sums.contains(&format!("{}  fixture-pi.img.{ext}", sha256_file(&compressed))), "{sums}");
+        let unpacked = Command::new(tool).args(["-d", "-c"]).arg(&compressed).output().unwrap();
+        assert!(unpacked.status.success());
+        use sha2::Digest;
+        assert_eq!(hex::encode(sha2::Sha256::digest(&unpacked.stdout)), r.sha256);
+    }
+}

@@ -74,13 +74,14 @@ mod tests {
         let once = merge_config_txt(base, block);
         assert_eq!(
             once,
-            "dtparam=audio=on\n[cm5]\ndtoverlay=dwc2\n\n[all]\n# BEGIN kiln: x\n[all]\narm_freq=2800\n# END kiln\n"
+            "dtparam=audio=on\n[cm5]\ndtoverlay=dwc2\n\n[all]\n\n# BEGIN kiln: x\n[all]\narm_freq=2800\n# END kiln\n"
         );
         let block2 = "# BEGIN kiln: x\n[all]\narm_freq=2600\n# END kiln\n";
         let twice = merge_config_txt(&once, block2);
+        assert_eq!(merge_config_txt(&once, block), once, "merging the same block again changes nothing");
         assert_eq!(
             twice,
-            "dtparam=audio=on\n[cm5]\ndtoverlay=dwc2\n\n[all]\n# BEGIN kiln: x\n[all]\narm_freq=2600\n# END kiln\n"
+            "dtparam=audio=on\n[cm5]\ndtoverlay=dwc2\n\n[all]\n\n# BEGIN kiln: x\n[all]\narm_freq=2600\n# END kiln\n"
         );
     }
 
