@@ -1,60 +1,182 @@
-//! `kilnd`: the on-device supervisor. This skeleton reads and checks the device's spec; the
-//! cache engine and the inference server land on top of it.
+//! `kilnd`: the on-device supervisor. Thin: parse arguments, set up logging, call the engine.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
+use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use kiln_spec::validate::{Context, load_file};
+use kiln_supervisor::engine::{Engine, read_memory};
+use kiln_supervisor::{log, notify};
 
 const DEFAULT_SPEC: &str = "/etc/kiln/spec.yaml";
 
 #[derive(Parser, Debug)]
 #[command(name = "kilnd", version, about = "kiln's on-device supervisor")]
 struct Cli {
+    /// The device's normalized spec, as kiln installed it.
+    #[arg(long, global = true, default_value = DEFAULT_SPEC)]
+    spec: PathBuf,
+    /// Re-root every path kilnd writes (store, hot tier, state) under DIR, to run unprivileged anywhere.
+    #[arg(long, global = true)]
+    state_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Check the device's normalized spec (as `kiln render` wrote it) and summarize it.
-    Check {
-        #[arg(long, default_value = DEFAULT_SPEC)]
-        spec: PathBuf,
+    /// Check the spec and summarize it.
+    Check,
+    /// Bring models into the hot tier now (default: the spec's prewarm list, pins first);
+    /// existing hot copies are verified and re-copied when corrupt.
+    Prewarm {
+        #[arg(long, required = true)]
+        now: bool,
+        models: Vec<String>,
     },
+    /// Where each model is (store, hot tier), memory pressure and the next prewarm window.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Supervise: watch memory pressure, prewarm in the spec's windows, report to systemd.
+    /// (The inference API joins this command with the inference workers.)
+    Run,
 }
 
 fn main() -> ExitCode {
-    match Cli::parse().command {
-        Command::Check { spec } => match load_file(&spec, Context::Device) {
-            Ok(loaded) => {
-                let s = &loaded.spec;
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("kilnd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(cli: &Cli) -> Result<kiln_spec::validate::Loaded> {
+    load_file(&cli.spec, Context::Device).map_err(|d| anyhow::anyhow!("{d}"))
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match &cli.command {
+        Command::Check => {
+            let loaded = load(&cli)?;
+            let s = &loaded.spec;
+            println!(
+                "{}: ok: {} on {}, {} model(s), listening on {}",
+                cli.spec.display(),
+                s.name,
+                loaded.raw.hardware.ram.0,
+                s.models.len(),
+                s.supervisor.listen
+            );
+            for m in &s.models {
+                let pin = if m.pin { ", pinned" } else { "" };
+                let mib = kiln_spec::units::mib(m.size_bytes);
                 println!(
-                    "{}: ok: {} on {}, {} model(s), listening on {}",
-                    spec.display(),
-                    s.name,
-                    loaded.raw.hardware.ram.0,
-                    s.models.len(),
-                    s.supervisor.listen
+                    "  {} {} ({mib} MiB, context {}, {} threads{pin})",
+                    m.id,
+                    m.store_path(),
+                    m.context,
+                    m.threads
                 );
-                for m in &s.models {
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Prewarm { models, .. } => {
+            let loaded = load(&cli)?;
+            log::init(loaded.spec.supervisor.log_level.as_str());
+            let engine = Engine::open(loaded.spec, cli.state_dir.as_deref())?;
+            let ids = if models.is_empty() { engine.spec.cache.prewarm.models.clone() } else { models.clone() };
+            for id in &ids {
+                engine.model(id)?;
+            }
+            let done = engine.prewarm(&ids, None)?;
+            println!("prewarmed: {}", done.join(", "));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { json } => {
+            let loaded = load(&cli)?;
+            let engine = Engine::open(loaded.spec, cli.state_dir.as_deref())?;
+            let status = engine.status(read_memory().ok());
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&status).context("serializing the status")?);
+            } else {
+                println!(
+                    "{}: pressure {}, hot tier {} of {} MiB",
+                    status.name,
+                    status.pressure,
+                    status.hot_used_bytes >> 20,
+                    status.hot_budget_bytes >> 20
+                );
+                for m in &status.models {
+                    let tier = if m.hot {
+                        "hot"
+                    } else if m.stored {
+                        "stored"
+                    } else {
+                        "missing"
+                    };
                     println!(
-                        "  {} {} ({} MiB, context {}, {} threads{})",
+                        "  {:<24} {:<8} {:>6} MiB {}{}",
                         m.id,
-                        m.store_path(),
-                        kiln_spec::units::mib(m.size_bytes),
-                        m.context,
-                        m.threads,
-                        if m.pin { ", pinned" } else { "" }
+                        tier,
+                        m.bytes >> 20,
+                        &m.sha256[..12],
+                        if m.pinned { " pinned" } else { "" }
                     );
                 }
-                ExitCode::SUCCESS
+                let window = if status.prewarm_window_open { "open" } else { "closed" };
+                println!(
+                    "prewarm window {window}; next change {}",
+                    status.prewarm_next_change.as_deref().unwrap_or("never")
+                );
             }
-            Err(diags) => {
-                eprintln!("{diags}");
-                ExitCode::FAILURE
-            }
-        },
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run => supervise(&cli),
     }
+}
+
+fn supervise(cli: &Cli) -> Result<ExitCode> {
+    let loaded = load(cli)?;
+    let sink = log::init(loaded.spec.supervisor.log_level.as_str());
+    let mut engine = Engine::open(loaded.spec, cli.state_dir.as_deref())?;
+    tracing::info!(message_id = log::message_id::STARTED, sink = ?sink, spec = %cli.spec.display(), "kilnd started for {}", engine.spec.name);
+    if engine.spec.cache.prewarm.at_boot {
+        let list = engine.prewarm_list();
+        engine.prewarm(&list, None)?;
+    }
+    let _ = notify::ready(&format!("{} model(s) configured", engine.spec.models.len()));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
+    rt.block_on(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).context("watching SIGTERM")?;
+        let mut int = signal(SignalKind::interrupt()).context("watching SIGINT")?;
+        loop {
+            let reading = read_memory()?;
+            let level = engine.react_to_pressure(reading)?;
+            let status = engine.status(Some(reading));
+            if status.prewarm_window_open {
+                let list = engine.prewarm_list();
+                if !list.is_empty() {
+                    engine.prewarm(&list, None)?;
+                }
+            }
+            let _ = notify::status(&format!("pressure {level:?}; {} MiB hot", status.hot_used_bytes >> 20));
+            let _ = notify::watchdog();
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            }
+        }
+        tracing::info!("kilnd stopping");
+        Ok(ExitCode::SUCCESS)
+    })
 }

@@ -1,0 +1,52 @@
+//! kilnd's logging: journald when its socket exists (fields become journal fields, every
+//! notable event carries a fixed MESSAGE_ID so `journalctl MESSAGE_ID=...` finds it), stderr
+//! otherwise. Libraries log with `tracing` fields; only this module decides where they go.
+
+use std::path::Path;
+
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// journald's native socket.
+pub const JOURNALD_SOCKET: &str = "/run/systemd/journal/socket";
+
+/// MESSAGE_IDs of kilnd's events (128-bit ids, as `journalctl --new-id128` makes them).
+pub mod message_id {
+    pub const MODEL_LOADED: &str = "5c0a0f1e8f6b4f43a3a1d2a8e0b7c101";
+    pub const MODEL_UNLOADED: &str = "5c0a0f1e8f6b4f43a3a1d2a8e0b7c102";
+    pub const EVICTION: &str = "5c0a0f1e8f6b4f43a3a1d2a8e0b7c103";
+    pub const PREWARM_DONE: &str = "5c0a0f1e8f6b4f43a3a1d2a8e0b7c104";
+    pub const OOM_KILL: &str = "5c0a0f1e8f6b4f43a3a1d2a8e0b7c105";
+    pub const LOAD_REFUSED: &str = "5c0a0f1e8f6b4f43a3a1d2a8e0b7c106";
+    pub const TRANSITION: &str = "5c0a0f1e8f6b4f43a3a1d2a8e0b7c107";
+    pub const PRESSURE: &str = "5c0a0f1e8f6b4f43a3a1d2a8e0b7c108";
+    pub const STARTED: &str = "5c0a0f1e8f6b4f43a3a1d2a8e0b7c109";
+}
+
+/// Where logs went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sink {
+    Journald,
+    Stderr,
+}
+
+/// Sets up logging once for the process. `level` is the spec's log level (KILND_LOG overrides).
+pub fn init(level: &str) -> Sink {
+    let filter = EnvFilter::try_from_env("KILND_LOG").unwrap_or_else(|_| EnvFilter::new(level));
+    if Path::new(JOURNALD_SOCKET).exists()
+        && let Ok(layer) = tracing_journald::layer()
+    {
+        // Field names go to the journal upper-cased and unprefixed: model -> MODEL.
+        let layer = layer.with_field_prefix(None).with_syslog_identifier("kilnd".into());
+        if tracing_subscriber::registry().with(filter).with(layer).try_init().is_ok() {
+            return Sink::Journald;
+        }
+        return Sink::Stderr;
+    }
+    let _ = tracing_subscriber::registry()
+        .with(EnvFilter::try_from_env("KILND_LOG").unwrap_or_else(|_| EnvFilter::new(level)))
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false))
+        .try_init();
+    Sink::Stderr
+}

@@ -1,0 +1,211 @@
+//! The one-pass copy engine: read a chunk, write it, and hash it on a second thread, so
+//! SHA-256 overlaps the next read and write and a copy runs near the speed of `cat`.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
+use sha2::{Digest, Sha256};
+
+use super::error::{IoContext, StoreError};
+
+/// Chunk size of an unthrottled copy: large enough that syscalls cost nothing next to
+/// the memcpy (coreutils `cat` uses 128 KiB; bigger buffers help on slow SD cards too).
+pub(crate) const CHUNK_BYTES: usize = 4 << 20;
+/// Buffers in flight: one being read/written, one being hashed, one spare.
+const BUFFERS: usize = 3;
+/// Smallest chunk of a throttled copy, so the syscall count stays sane.
+const MIN_THROTTLED_CHUNK_BYTES: usize = 64 << 10;
+/// Longest single sleep of a throttled copy, so a cancel is seen promptly.
+const MAX_SLEEP: Duration = Duration::from_millis(20);
+
+/// Hashes filled buffers on a helper thread and hands them back for reuse.
+pub(crate) struct PipelinedHasher {
+    full: Option<SyncSender<(Vec<u8>, usize)>>,
+    empty: Receiver<Vec<u8>>,
+    allocated: usize,
+    chunk_bytes: usize,
+    worker: Option<JoinHandle<Sha256>>,
+}
+
+impl PipelinedHasher {
+    /// Starts the hashing thread, seeded with `prefix` (state of bytes already hashed).
+    pub(crate) fn new(chunk_bytes: usize, prefix: Sha256) -> io::Result<Self> {
+        let (full_tx, full_rx) = sync_channel::<(Vec<u8>, usize)>(BUFFERS);
+        let (empty_tx, empty_rx) = sync_channel::<Vec<u8>>(BUFFERS);
+        let worker = std::thread::Builder::new().name("kiln-sha256".into()).spawn(move || {
+            let mut hasher = prefix;
+            for (buf, len) in full_rx {
+                hasher.update(&buf[..len]);
+                // The receiver is gone only when the pump gave up; the buffer can go too.
+                let _ = empty_tx.send(buf);
+            }
+            hasher
+        })?;
+        Ok(PipelinedHasher { full: Some(full_tx), empty: empty_rx, allocated: 0, chunk_bytes, worker: Some(worker) })
+    }
+
+    /// A buffer of `chunk_bytes` to read into: a returned one, a new one, or the next to
+    /// come back from the hashing thread.
+    fn buffer(&mut self) -> Vec<u8> {
+        match self.empty.try_recv() {
+            Ok(buf) => return buf,
+            Err(TryRecvError::Empty) if self.allocated < BUFFERS => {}
+            Err(TryRecvError::Empty) => {
+                if let Ok(buf) = self.empty.recv() {
+                    return buf;
+                }
+            }
+            Err(TryRecvError::Disconnected) => {}
+        }
+        self.allocated += 1;
+        vec![0; self.chunk_bytes]
+    }
+
+    fn submit(&mut self, buf: Vec<u8>, len: usize) {
+        if let Some(tx) = &self.full
+            && tx.send((buf, len)).is_err()
+        {
+            // The worker died; `finish` reports it.
+            self.full = None;
+        }
+    }
+
+    /// Waits for the hashing thread and returns the lowercase hex digest.
+    pub(crate) fn finish(self) -> io::Result<String> {
+        Ok(hex::encode(self.into_state()?.finalize()))
+    }
+
+    /// Waits for the hashing thread and returns its state, to go on hashing later.
+    pub(crate) fn into_state(mut self) -> io::Result<Sha256> {
+        let healthy = self.full.take().is_some();
+        self.worker
+            .take()
+            .and_then(|w| w.join().ok())
+            .filter(|_| healthy)
+            .ok_or_else(|| io::Error::other("the sha256 thread died"))
+    }
+}
+
+impl std::fmt::Debug for PipelinedHasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PipelinedHasher").field("chunk_bytes", &self.chunk_bytes).finish_non_exhaustive()
+    }
+}
+
+/// How a pump runs: throttle, cancel flag, and progress reporting as `(done, total)`.
+pub(crate) struct Pump<'a> {
+    pub(crate) total_bytes: u64,
+    pub(crate) rate_limit_bytes_per_sec: Option<u64>,
+    pub(crate) cancel: Option<&'a AtomicBool>,
+    pub(crate) progress: &'a dyn Fn(u64, u64),
+}
+
+/// Why a pump stopped early. The caller knows the paths and maps these to `StoreError`.
+#[derive(Debug)]
+pub(crate) enum PumpError {
+    Read(io::Error),
+    Write(io::Error),
+    Cancelled,
+}
+
+impl Pump<'_> {
+    /// The chunk size for this pump: smaller when throttled so the rate stays smooth.
+    pub(crate) fn chunk_bytes(&self) -> usize {
+        match self.rate_limit_bytes_per_sec {
+            Some(rate) => {
+                usize::try_from(rate / 8).unwrap_or(CHUNK_BYTES).clamp(MIN_THROTTLED_CHUNK_BYTES, CHUNK_BYTES)
+            }
+            None => CHUNK_BYTES,
+        }
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.is_some_and(|c| c.load(Ordering::Relaxed))
+    }
+
+    /// Reads `src` to its end; writes each chunk to `dst` (when given) and then hands it
+    /// to `hasher`. `done` counts the bytes written and hashed, also when this fails.
+    pub(crate) fn run(
+        &self,
+        src: &mut dyn Read,
+        mut dst: Option<&mut File>,
+        hasher: &mut PipelinedHasher,
+        done: &mut u64,
+    ) -> Result<(), PumpError> {
+        let start = Instant::now();
+        let mut pumped: u64 = 0;
+        loop {
+            if self.cancelled() {
+                return Err(PumpError::Cancelled);
+            }
+            let mut buf = hasher.buffer();
+            let len = loop {
+                match src.read(&mut buf) {
+                    Ok(len) => break len,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(PumpError::Read(e)),
+                }
+            };
+            if len == 0 {
+                return Ok(());
+            }
+            if let Some(dst) = dst.as_deref_mut() {
+                dst.write_all(&buf[..len]).map_err(PumpError::Write)?;
+            }
+            hasher.submit(buf, len);
+            *done += len as u64;
+            pumped += len as u64;
+            (self.progress)(*done, self.total_bytes);
+            self.throttle(start, pumped)?;
+        }
+    }
+
+    /// Sleeps until `pumped` bytes are due at the rate limit, in slices, watching `cancel`.
+    fn throttle(&self, start: Instant, pumped: u64) -> Result<(), PumpError> {
+        let Some(rate) = self.rate_limit_bytes_per_sec.filter(|r| *r > 0) else {
+            return Ok(());
+        };
+        let due = Duration::from_secs_f64(pumped as f64 / rate as f64);
+        loop {
+            if self.cancelled() {
+                return Err(PumpError::Cancelled);
+            }
+            let elapsed = start.elapsed();
+            if elapsed >= due {
+                return Ok(());
+            }
+            std::thread::sleep((due - elapsed).min(MAX_SLEEP));
+        }
+    }
+}
+
+/// Tells the kernel we read `file` front to back (doubles readahead). A hint only.
+pub(crate) fn advise_sequential(file: &File) {
+    let _ = posix_fadvise(file.as_fd(), 0, 0, PosixFadviseAdvice::POSIX_FADV_SEQUENTIAL);
+}
+
+/// Hashes the whole file at `path`; returns the hex digest and the length read.
+pub(crate) fn hash_file(path: &Path) -> Result<(String, u64), StoreError> {
+    let mut file = File::open(path).at("opening", path)?;
+    advise_sequential(&file);
+    let total_bytes = file.metadata().at("reading metadata of", path)?.len();
+    let pump = Pump { total_bytes, rate_limit_bytes_per_sec: None, cancel: None, progress: &|_, _| {} };
+    let mut hasher = PipelinedHasher::new(CHUNK_BYTES, Sha256::new()).at("starting a hasher for", path)?;
+    let mut done = 0;
+    match pump.run(&mut file, None, &mut hasher, &mut done) {
+        Ok(()) => {}
+        Err(PumpError::Read(e) | PumpError::Write(e)) => {
+            return Err(StoreError::io("reading", path, e));
+        }
+        Err(PumpError::Cancelled) => return Err(StoreError::Cancelled),
+    }
+    let digest = hasher.finish().at("hashing", path)?;
+    Ok((digest, done))
+}

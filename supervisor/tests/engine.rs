@@ -1,0 +1,193 @@
+//! kilnd's cache engine on real files and a real journald: prewarm now, a corrupt hot copy
+//! re-copied, memory pressure demoting unpinned hot copies (pinned kept), every decision in
+//! the journal under its MESSAGE_ID, and `kilnd status`.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::Digest;
+
+const SMOL_SHA: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// A device spec with the demo model (pinned) and a small unpinned one, both in the store
+/// under `state`, as a built image would have them.
+fn device(state: &Path) -> PathBuf {
+    let model = repo().join("examples/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(model.is_file(), "run scripts/fetch-model first");
+    let store = state.join("var/lib/kiln/models");
+    std::fs::create_dir_all(&store).unwrap();
+    std::fs::copy(&model, store.join(format!("{SMOL_SHA}.gguf"))).unwrap();
+    let tiny: Vec<u8> = (0..(3u32 << 20)).map(|i| (i % 251) as u8).collect();
+    let tiny_sha = hex::encode(sha2::Sha256::digest(&tiny));
+    std::fs::write(store.join(format!("{tiny_sha}.gguf")), &tiny).unwrap();
+    let spec = format!(
+        r#"api-version: kiln/v1
+name: engine-test
+hardware: {{ board: generic-x86_64, ram: 4GiB }}
+system: {{ timezone: Europe/Berlin }}
+memory:
+  tmpfs: {{ path: /var/cache/kiln/hot, size: 256MiB }}
+models:
+  - {{ id: smollm2-135m, sha256: {SMOL_SHA}, size: 98362432, pin: true }}
+  - {{ id: tiny, sha256: {tiny_sha}, size: 3MiB }}
+cache:
+  prewarm: {{ windows: ["01:00-05:00"], models: [smollm2-135m, tiny] }}
+"#
+    );
+    let path = state.join("spec.yaml");
+    std::fs::write(&path, spec).unwrap();
+    path
+}
+
+fn kilnd(spec: &Path, state: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_kilnd"))
+        .arg("--spec")
+        .arg(spec)
+        .arg("--state-dir")
+        .arg(state)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A journald to test against: the running one, or one started by hand (as root).
+fn journald(test: &str) -> bool {
+    let socket = Path::new("/run/systemd/journal/socket");
+    if !socket.exists() && nix::unistd::geteuid().is_root() && Path::new("/lib/systemd/systemd-journald").exists() {
+        let _ = Command::new("/lib/systemd/systemd-journald")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        for _ in 0..50 {
+            if socket.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+    let ok = socket.exists() && Command::new("journalctl").arg("--version").output().is_ok();
+    if !ok {
+        assert!(
+            std::env::var("KILN_REQUIRE_TOOLS").as_deref() != Ok("1"),
+            "{test}: no journald and KILN_REQUIRE_TOOLS=1"
+        );
+        eprintln!("SKIP {test}: no journald socket (start /lib/systemd/systemd-journald as root)");
+    }
+    ok
+}
+
+/// Journal entries with this MESSAGE_ID for this model, as JSON objects.
+fn journal(message_id: &str, model: &str, since: &str) -> Vec<serde_json::Value> {
+    let _ = Command::new("journalctl").arg("--sync").output();
+    let out = Command::new("journalctl")
+        .args([
+            "--no-pager",
+            "-o",
+            "json",
+            "--since",
+            since,
+            &format!("MESSAGE_ID={message_id}"),
+            &format!("MODEL={model}"),
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+fn since() -> String {
+    let out = Command::new("date").args(["+%Y-%m-%d %H:%M:%S"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn prewarm_now_copies_verifies_and_logs_to_journald() {
+    let test = "prewarm_now_copies_verifies_and_logs_to_journald";
+    let have_journal = journald(test);
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = device(tmp.path());
+    let start = since();
+    let out = kilnd(&spec, tmp.path(), &["prewarm", "--now"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let hot = tmp.path().join(format!("var/cache/kiln/hot/{SMOL_SHA}.gguf"));
+    assert_eq!(hex::encode(sha2::Sha256::digest(std::fs::read(&hot).unwrap())), SMOL_SHA);
+    if have_journal {
+        let entries = journal(kiln_supervisor::log::message_id::PREWARM_DONE, "smollm2-135m", &start);
+        let e = entries.last().unwrap_or_else(|| panic!("no PREWARM_DONE entry for smollm2-135m in the journal"));
+        assert_eq!(e["TIER"], "hot");
+        assert_eq!(e["BYTES"], "98362432");
+        assert_eq!(e["SHA256"], SMOL_SHA);
+        assert!(e["DURATION_MS"].as_str().unwrap().parse::<u64>().is_ok());
+    }
+
+    // A flipped byte in the hot copy is found and the copy redone.
+    let mut bytes = std::fs::read(&hot).unwrap();
+    bytes[12345] ^= 0xff;
+    std::fs::write(&hot, &bytes).unwrap();
+    let out = kilnd(&spec, tmp.path(), &["prewarm", "--now", "smollm2-135m"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(hex::encode(sha2::Sha256::digest(std::fs::read(&hot).unwrap())), SMOL_SHA);
+
+    let status = kilnd(&spec, tmp.path(), &["status", "--json"]);
+    let s: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let smol = s["models"].as_array().unwrap().iter().find(|m| m["id"] == "smollm2-135m").unwrap();
+    assert_eq!(smol["hot"], true);
+    assert_eq!(smol["pinned"], true);
+    assert!(s["hot_used_bytes"].as_u64().unwrap() >= 98_362_432);
+
+    let unknown = kilnd(&spec, tmp.path(), &["prewarm", "--now", "nope"]);
+    assert!(!unknown.status.success());
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("no model `nope` in the spec; it has smollm2-135m, tiny")
+    );
+}
+
+#[test]
+fn memory_pressure_demotes_unpinned_hot_copies_and_keeps_pinned() {
+    let test = "memory_pressure_demotes_unpinned_hot_copies_and_keeps_pinned";
+    let have_journal = journald(test);
+    if have_journal {
+        kiln_supervisor::log::init("info");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let spec_path = device(tmp.path());
+    let loaded = kiln_spec::load_file(&spec_path, kiln_spec::Context::Device).unwrap();
+    let mut engine = kiln_supervisor::engine::Engine::open(loaded.spec, Some(tmp.path())).unwrap();
+    engine.prewarm(&["smollm2-135m".into(), "tiny".into()], None).unwrap();
+    let tiny_sha = engine.model("tiny").unwrap().sha256.clone();
+    let hot = |sha: &str| tmp.path().join(format!("var/cache/kiln/hot/{sha}.gguf")).exists();
+    assert!(hot(SMOL_SHA) && hot(&tiny_sha));
+    let start = since();
+    let gib = 1u64 << 30;
+    let calm =
+        kiln_supervisor::policy::MemReading { total_bytes: 4 * gib, available_bytes: 3 * gib, psi_some_avg10: None };
+    assert_eq!(engine.react_to_pressure(calm).unwrap(), kiln_supervisor::policy::Level::Normal);
+    assert!(hot(&tiny_sha));
+    // 80% used: past the 70% evict threshold.
+    let tight = kiln_supervisor::policy::MemReading {
+        total_bytes: 4 * gib,
+        available_bytes: 4 * gib / 5,
+        psi_some_avg10: None,
+    };
+    assert_eq!(engine.react_to_pressure(tight).unwrap(), kiln_supervisor::policy::Level::Evict);
+    assert!(!hot(&tiny_sha), "the unpinned model stays hot under pressure");
+    assert!(hot(SMOL_SHA), "the pinned model was evicted");
+    if have_journal {
+        let e = journal(kiln_supervisor::log::message_id::EVICTION, "tiny", &start);
+        let e = e.last().expect("no EVICTION entry for tiny in the journal");
+        assert_eq!(e["TIER"], "hot");
+        assert_eq!(e["REASON"], "Evict");
+    }
+    assert_eq!(engine.status(Some(tight)).pressure, "Evict");
+}
+
+#[test]
+fn live_memory_readings_parse() {
+    let r = kiln_supervisor::engine::read_memory().unwrap();
+    assert!(r.total_bytes > 0 && r.available_bytes <= r.total_bytes);
+}
