@@ -2,6 +2,7 @@
 //! (`cgroup`), and the decisions of when to prewarm, evict and admit (`policy`, pure).
 
 pub mod cgroup;
+pub mod daemon;
 pub mod engine;
 pub mod log;
 pub mod notify;

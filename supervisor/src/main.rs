@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use kiln_spec::validate::{Context, load_file};
+use kiln_supervisor::daemon::Placement;
 use kiln_supervisor::engine::{Engine, read_memory};
 use kiln_supervisor::{log, notify};
 
@@ -146,15 +147,29 @@ fn run(cli: Cli) -> Result<ExitCode> {
 fn supervise(cli: &Cli) -> Result<ExitCode> {
     let loaded = load(cli)?;
     let sink = log::init(loaded.spec.supervisor.log_level.as_str());
+    let placement = Placement::create(&loaded.spec)?;
     let mut engine = Engine::open(loaded.spec, cli.state_dir.as_deref())?;
     tracing::info!(message_id = log::message_id::STARTED, sink = ?sink, spec = %cli.spec.display(), "kilnd started for {}", engine.spec.name);
-    if engine.spec.cache.prewarm.at_boot {
+    let prewarm = |engine: &Engine| -> Result<()> {
         let list = engine.prewarm_list();
-        engine.prewarm(&list, None)?;
+        if list.is_empty() {
+            return Ok(());
+        }
+        let status = placement
+            .spawn_prewarm(&cli.spec, cli.state_dir.as_deref(), &list)?
+            .wait()
+            .context("waiting for the prewarm copy")?;
+        if !status.success() {
+            tracing::warn!("prewarm copy ended with {status}");
+        }
+        Ok(())
+    };
+    if engine.spec.cache.prewarm.at_boot {
+        prewarm(&engine)?;
     }
     let _ = notify::ready(&format!("{} model(s) configured", engine.spec.models.len()));
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
-    rt.block_on(async move {
+    let result = rt.block_on(async {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate()).context("watching SIGTERM")?;
         let mut int = signal(SignalKind::interrupt()).context("watching SIGINT")?;
@@ -163,10 +178,7 @@ fn supervise(cli: &Cli) -> Result<ExitCode> {
             let level = engine.react_to_pressure(reading)?;
             let status = engine.status(Some(reading));
             if status.prewarm_window_open {
-                let list = engine.prewarm_list();
-                if !list.is_empty() {
-                    engine.prewarm(&list, None)?;
-                }
+                prewarm(&engine)?;
             }
             let _ = notify::status(&format!("pressure {level:?}; {} MiB hot", status.hot_used_bytes >> 20));
             let _ = notify::watchdog();
@@ -178,5 +190,7 @@ fn supervise(cli: &Cli) -> Result<ExitCode> {
         }
         tracing::info!("kilnd stopping");
         Ok(ExitCode::SUCCESS)
-    })
+    });
+    placement.cleanup();
+    result
 }

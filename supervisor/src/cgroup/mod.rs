@@ -118,6 +118,12 @@ pub trait CgroupBackend: Send + Sync + fmt::Debug {
     /// Removes the cgroup (children first: this does not recurse). Fails with
     /// [`CgroupError::Busy`] if processes remain; a cgroup already gone is not an error.
     fn remove(&self, cg: &CgroupHandle) -> Result<(), CgroupError>;
+    /// Moves the calling process into the leaf `leaf` (cgroup v2's "no internal processes"
+    /// rule: kilnd must leave its delegated root before children get controllers). None
+    /// where there is nothing to do (v1, no cgroups).
+    fn enter_leaf(&self, _leaf: &str) -> Result<Option<CgroupHandle>, CgroupError> {
+        Ok(None)
+    }
 }
 
 /// Splits a cgroup name into its directory components, refusing anything that could leave

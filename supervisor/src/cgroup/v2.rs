@@ -192,6 +192,10 @@ fn settings(limits: &Limits) -> Vec<Setting> {
 }
 
 impl CgroupBackend for V2Backend {
+    fn enter_leaf(&self, leaf: &str) -> Result<Option<CgroupHandle>, CgroupError> {
+        V2Backend::enter_leaf(self, leaf).map(Some)
+    }
+
     fn version(&self) -> Version {
         Version::V2
     }
