@@ -142,6 +142,26 @@ pub fn parse_cpuset(text: &str) -> Result<Vec<u32>, String> {
     Ok(cpus)
 }
 
+/// Prints CPU numbers as a cpuset, the form the kernel and the spec use: `[0,1,2,5]` -> `0-2,5`.
+pub fn format_cpuset(cpus: &[u32]) -> String {
+    let mut sorted = cpus.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < sorted.len() {
+        let start = sorted[i];
+        let mut end = start;
+        while i + 1 < sorted.len() && sorted[i + 1] == end + 1 {
+            i += 1;
+            end = sorted[i];
+        }
+        parts.push(if start == end { start.to_string() } else { format!("{start}-{end}") });
+        i += 1;
+    }
+    parts.join(",")
+}
+
 /// Days of the week, Monday first, as cron and systemd name them.
 pub const WEEKDAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
 const MINUTES_PER_DAY: u32 = 24 * 60;

@@ -4,7 +4,7 @@
 
 use crate::model::{self, ModelSource, Spec};
 use crate::raw::{self, Quantity, RawSpec};
-use crate::units::{format_bytes, format_duration};
+use crate::units::{format_bytes, format_cpuset, format_duration};
 
 /// The device path of the API token.
 pub const API_TOKEN_PATH: &str = "/etc/kiln/api-token";
@@ -26,29 +26,12 @@ fn limits(l: &model::Limits) -> Option<raw::Limits> {
         memory_max: l.memory_max_bytes.map(bytes),
         memory_high: l.memory_high_bytes.map(bytes),
         swap_max: l.swap_max_bytes.map(bytes),
-        cpus: l.cpus.as_ref().map(|c| q(cpuset(c))),
+        cpus: l.cpus.as_ref().map(|c| q(format_cpuset(c))),
         cpu_weight: l.cpu_weight,
         cpu_quota: l.cpu_quota_percent.map(|p| q(format!("{p}%"))),
         io_weight: l.io_weight,
     };
     (out != raw::Limits::default()).then_some(out)
-}
-
-/// `[0,1,2,5]` -> `0-2,5`.
-pub fn cpuset(cpus: &[u32]) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut i = 0;
-    while i < cpus.len() {
-        let start = cpus[i];
-        let mut end = start;
-        while i + 1 < cpus.len() && cpus[i + 1] == end + 1 {
-            i += 1;
-            end = cpus[i];
-        }
-        parts.push(if start == end { start.to_string() } else { format!("{start}-{end}") });
-        i += 1;
-    }
-    parts.join(",")
 }
 
 /// The device's spec, as YAML text.

@@ -18,22 +18,7 @@ const V1_UNLIMITED_FROM: u64 = 1 << 62;
 
 /// A cpuset as the kernel writes it: sorted, ranges collapsed (`[0,1,2,3,6]` -> `"0-3,6"`).
 pub fn cpuset_list(cpus: &[u32]) -> String {
-    let mut sorted = cpus.to_vec();
-    sorted.sort_unstable();
-    sorted.dedup();
-    let mut parts: Vec<String> = Vec::new();
-    let mut i = 0;
-    while i < sorted.len() {
-        let start = sorted[i];
-        let mut end = start;
-        while i + 1 < sorted.len() && sorted[i + 1] == end + 1 {
-            i += 1;
-            end = sorted[i];
-        }
-        parts.push(if start == end { start.to_string() } else { format!("{start}-{end}") });
-        i += 1;
-    }
-    parts.join(",")
+    kiln_spec::units::format_cpuset(cpus)
 }
 
 /// CFS quota per period for a percentage of one CPU: 250% -> 250000 us per 100000 us.
