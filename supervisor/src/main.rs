@@ -164,10 +164,11 @@ fn supervise(cli: &Cli) -> Result<ExitCode> {
         }
         Ok(())
     };
+    // READY first: a prewarm of gigabytes must not hold up start-up (or hit TimeoutStartSec).
+    let _ = notify::ready(&format!("{} model(s) configured", engine.spec.models.len()));
     if engine.spec.cache.prewarm.at_boot {
         prewarm(&engine)?;
     }
-    let _ = notify::ready(&format!("{} model(s) configured", engine.spec.models.len()));
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
     let result = rt.block_on(async {
         use tokio::signal::unix::{SignalKind, signal};
