@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use super::check_sha256;
 use super::copy::{CHUNK_BYTES, PipelinedHasher, Pump, PumpError};
 use super::error::{IoContext, StoreError};
 use super::persistent::{PartFile, Store};
@@ -68,12 +67,10 @@ impl Store {
         opts: &FetchOptions,
         progress: &dyn Fn(u64, u64),
     ) -> Result<PathBuf, StoreError> {
-        let sha = check_sha256(id, sha256)?;
-        let dest = self.path_of(&sha);
-        if dest.is_file() {
-            tracing::debug!(model = %id, sha256 = %sha, "model already in store");
-            return Ok(dest);
-        }
+        let (sha, dest) = match self.already(id, sha256)? {
+            super::persistent::Already::Stored(dest) => return Ok(dest),
+            super::persistent::Already::Missing(sha, dest) => (sha, dest),
+        };
         let started = Instant::now();
         let mut dl = Download {
             part: self.lock_part(&sha)?,

@@ -58,6 +58,18 @@ impl Store {
         check_sha256("", sha256).is_ok() && self.path_of(sha256).is_file()
     }
 
+    /// Checks the hash's form; the stored file if the model is already there, else the
+    /// normalized hash and the final path to fill.
+    pub(super) fn already(&self, id: &str, sha256: &str) -> Result<Already, StoreError> {
+        let sha = check_sha256(id, sha256)?;
+        let dest = self.path_of(&sha);
+        if dest.is_file() {
+            tracing::debug!(model = %id, sha256 = %sha, "model already in store");
+            return Ok(Already::Stored(dest));
+        }
+        Ok(Already::Missing(sha, dest))
+    }
+
     /// Copies `src` into the store, hashing in the same pass; the result gets the final
     /// name only if it hashes to `sha256`. `progress` is called with `(done, total)` bytes.
     pub fn import(
@@ -67,12 +79,10 @@ impl Store {
         sha256: &str,
         progress: &dyn Fn(u64, u64),
     ) -> Result<PathBuf, StoreError> {
-        let sha = check_sha256(id, sha256)?;
-        let dest = self.path_of(&sha);
-        if dest.is_file() {
-            tracing::debug!(model = %id, sha256 = %sha, "model already in store");
-            return Ok(dest);
-        }
+        let (sha, dest) = match self.already(id, sha256)? {
+            Already::Stored(dest) => return Ok(dest),
+            Already::Missing(sha, dest) => (sha, dest),
+        };
         let started = Instant::now();
         let mut src_file = File::open(src).at("opening", src)?;
         advise_sequential(&src_file);
@@ -168,4 +178,10 @@ impl std::fmt::Debug for PartFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PartFile").field("path", &self.path).finish()
     }
+}
+
+/// What [`Store::already`] found.
+pub(super) enum Already {
+    Stored(PathBuf),
+    Missing(String, PathBuf),
 }
