@@ -177,7 +177,7 @@ fn build_in(
     t.start("accounts, generation, kilnd and models into the root");
     let staged = work.join("files");
     std::fs::create_dir_all(&staged).with_context(|| format!("creating {}", staged.display()))?;
-    let items = root_items(loaded, manifest, &prepared, &table, &root, kilnd, &model_files, &staged, opts.epoch)?;
+    let items = root_items(manifest, &prepared, &table, &root, kilnd, &model_files, &staged, opts.epoch)?;
     apply::apply(&root, &items, opts.epoch).context("writing into the root filesystem")?;
     ext4::check(&root).context("checking the root filesystem after kiln's edits")?;
     t.finish(&format!("{} paths", items.len()));
@@ -301,7 +301,6 @@ fn stage(staged: &Path, n: &mut usize, content: &[u8]) -> Result<PathBuf> {
 
 #[allow(clippy::too_many_arguments)]
 fn root_items(
-    loaded: &Loaded,
     manifest: &Manifest,
     prepared: &Prepared,
     table: &partition::Table,
@@ -395,7 +394,6 @@ fn root_items(
             owner: Some(kiln_ids),
         });
     }
-    let _ = loaded;
     Ok(items)
 }
 

@@ -56,14 +56,13 @@ impl Accounts {
         }
     }
 
-    fn ensure_group(&mut self, name: &str, system: bool, days: i64) -> u32 {
+    fn ensure_group(&mut self, name: &str, system: bool) -> u32 {
         if let Some(g) = self.gid(name) {
             return g;
         }
         let id = self.free_id(system);
         self.group.push(format!("{name}:x:{id}:"));
         self.gshadow.push(format!("{name}:!::"));
-        let _ = days;
         id
     }
 
@@ -80,7 +79,7 @@ impl Accounts {
             self.gshadow.push(format!("{name}:!::"));
             id
         } else {
-            self.ensure_group(name, system, days)
+            self.ensure_group(name, system)
         };
         self.passwd.push(format!("{name}:x:{id}:{gid}:{gecos}:{home}:{shell}"));
         self.shadow.push(format!("{name}:!*:{days}::::::"));
@@ -88,8 +87,8 @@ impl Accounts {
     }
 
     /// Adds `user` to `group`'s members (creating a system group if needed).
-    pub fn add_member(&mut self, user: &str, group: &str, days: i64) {
-        self.ensure_group(group, true, days);
+    pub fn add_member(&mut self, user: &str, group: &str) {
+        self.ensure_group(group, true);
         for line in self.group.iter_mut().chain(self.gshadow.iter_mut()) {
             if field(line, 0) != Some(group) {
                 continue;
@@ -128,9 +127,9 @@ impl Accounts {
                 [t, name, _id, gecos, home] if t == "u" => {
                     self.ensure_user(name, gecos, home, "/usr/sbin/nologin", days);
                 }
-                [t, user, group, ..] if t == "m" => self.add_member(user, group, days),
+                [t, user, group, ..] if t == "m" => self.add_member(user, group),
                 [t, name, ..] if t == "g" => {
-                    self.ensure_group(name, true, days);
+                    self.ensure_group(name, true);
                 }
                 _ => {}
             }
