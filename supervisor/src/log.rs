@@ -1,8 +1,6 @@
-//! kilnd's logging: journald when its socket exists (fields become journal fields, every
+//! kilnd's logging: journald when one listens on its socket (fields become journal fields, every
 //! notable event carries a fixed MESSAGE_ID so `journalctl MESSAGE_ID=...` finds it), stderr
 //! otherwise. Libraries log with `tracing` fields; only this module decides where they go.
-
-use std::path::Path;
 
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
@@ -31,10 +29,16 @@ pub enum Sink {
     Stderr,
 }
 
+/// Whether a journald listens on its socket. A socket file left behind by a journald that
+/// has since died still exists, but nothing receives what is sent to it: connecting tells.
+pub fn journald_listening() -> bool {
+    std::os::unix::net::UnixDatagram::unbound().and_then(|s| s.connect(JOURNALD_SOCKET)).is_ok()
+}
+
 /// Sets up logging once for the process. `level` is the spec's log level (KILND_LOG overrides).
 pub fn init(level: &str) -> Sink {
     let filter = EnvFilter::try_from_env("KILND_LOG").unwrap_or_else(|_| EnvFilter::new(level));
-    if Path::new(JOURNALD_SOCKET).exists()
+    if journald_listening()
         && let Ok(layer) = tracing_journald::layer()
     {
         // Field names go to the journal upper-cased and unprefixed: model -> MODEL.
