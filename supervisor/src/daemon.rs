@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
+use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
 use kiln_spec::Spec;
@@ -18,9 +19,12 @@ pub fn parent_name() -> String {
 
 #[derive(Debug)]
 pub struct Placement {
-    pub backend: Box<dyn CgroupBackend>,
+    pub backend: Arc<dyn CgroupBackend>,
     pub inference: Option<CgroupHandle>,
     pub prewarm: Option<CgroupHandle>,
+    /// One cgroup per model's worker, under `inference` (no limits of their own: the
+    /// inference cgroup's cover all workers; their memory.events tell whose OOM kill it was).
+    pub models: std::collections::HashMap<String, CgroupHandle>,
     created: Vec<CgroupHandle>,
 }
 
@@ -28,12 +32,12 @@ impl Placement {
     /// Detects the cgroup setup and creates kilnd's cgroups with the spec's limits. Without a
     /// writable cgroup fs it says so once and carries on without limits.
     pub fn create(spec: &Spec) -> Result<Placement> {
-        let backend = cgroup::detect(&parent_name());
+        let backend: Arc<dyn CgroupBackend> = Arc::from(cgroup::detect(&parent_name()));
         let version = backend.version();
         let mut created = Vec::new();
         if version == Version::None {
             tracing::warn!("no writable cgroup filesystem: workers and prewarm copies run without cgroup limits");
-            return Ok(Placement { backend, inference: None, prewarm: None, created });
+            return Ok(Placement { backend, inference: None, prewarm: None, models: Default::default(), created });
         }
         if let Some(leaf) = backend.enter_leaf("supervisor").context("moving kilnd into its leaf cgroup")? {
             backend.set_limits(&leaf, &spec.cgroups.kilnd).context("applying cgroups.kilnd")?;
@@ -43,8 +47,16 @@ impl Placement {
         let prewarm = backend.create("prewarm", &spec.cgroups.prewarm).context("creating the prewarm cgroup")?;
         created.push(inference.clone());
         created.push(prewarm.clone());
-        tracing::info!(version = ?version, "cgroups ready: inference and prewarm");
-        Ok(Placement { backend, inference: Some(inference), prewarm: Some(prewarm), created })
+        let mut models = std::collections::HashMap::new();
+        for m in &spec.models {
+            let cg = backend
+                .create(&format!("inference/{}", m.id), &kiln_spec::model::Limits::default())
+                .with_context(|| format!("creating the cgroup of {}'s worker", m.id))?;
+            created.push(cg.clone());
+            models.insert(m.id.clone(), cg);
+        }
+        tracing::info!(version = ?version, "cgroups ready: inference (one child per model) and prewarm");
+        Ok(Placement { backend, inference: Some(inference), prewarm: Some(prewarm), models, created })
     }
 
     /// Runs `kilnd prewarm --now IDS` as a child in the prewarm cgroup.

@@ -23,6 +23,10 @@ pub struct Paths {
     pub store: PathBuf,
     pub hot: Option<PathBuf>,
     pub state: PathBuf,
+    /// The prefix (KV state) cache directory.
+    pub prefix: PathBuf,
+    /// The response cache's persistent tier.
+    pub responses: PathBuf,
 }
 
 impl Paths {
@@ -36,6 +40,8 @@ impl Paths {
             store: at(kiln_spec::model::STORE_DIR),
             hot: spec.memory.tmpfs.as_ref().map(|t| at(&t.path)),
             state: at("/var/lib/kiln"),
+            prefix: at(&spec.cache.prefix.dir),
+            responses: at("/var/cache/kiln/responses.redb"),
         }
     }
 }
@@ -93,6 +99,16 @@ impl Engine {
             .with_context(|| format!("loading time zone {}", spec.system.timezone))?;
         let pressure = PressureTracker::new(Thresholds::from_spec(&spec.cache));
         Ok(Engine { spec, paths, store, hot, tz, pressure, level: Level::Normal })
+    }
+
+    /// The memory pressure level of the last reading.
+    pub fn level(&self) -> Level {
+        self.level
+    }
+
+    /// Where a model's weights are in the store, and in the hot tier (when there is one).
+    pub fn weights(&self, m: &Model) -> (PathBuf, Option<PathBuf>) {
+        (self.store.path_of(&m.sha256), self.paths.hot.as_ref().map(|h| h.join(format!("{}.gguf", m.sha256))))
     }
 
     pub fn model(&self, id: &str) -> Result<&Model> {

@@ -20,6 +20,14 @@ pub mod message_id {
     pub const TRANSITION: &str = "5c0a0f1e8f6b4f43a3a1d2a8e0b7c107";
     pub const PRESSURE: &str = "5c0a0f1e8f6b4f43a3a1d2a8e0b7c108";
     pub const STARTED: &str = "5c0a0f1e8f6b4f43a3a1d2a8e0b7c109";
+    /// A request served (debug level): tokens, time to first token, tokens/s.
+    pub const REQUEST: &str = "5c0a0f1e8f6b4f43a3a1d2a8e0b7c10a";
+    /// A worker exited or crashed (OOM kills use OOM_KILL).
+    pub const WORKER_EXITED: &str = "5c0a0f1e8f6b4f43a3a1d2a8e0b7c10b";
+    /// Periodic cache hit rates.
+    pub const CACHE_STATS: &str = "5c0a0f1e8f6b4f43a3a1d2a8e0b7c10c";
+    /// kilnd listens for HTTP.
+    pub const LISTENING: &str = "5c0a0f1e8f6b4f43a3a1d2a8e0b7c10d";
 }
 
 /// Where logs went.

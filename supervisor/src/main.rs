@@ -2,14 +2,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use kiln_spec::validate::{Context, load_file};
-use kiln_supervisor::daemon::Placement;
 use kiln_supervisor::engine::{Engine, read_memory};
-use kiln_supervisor::{log, notify};
+use kiln_supervisor::log;
 
 const DEFAULT_SPEC: &str = "/etc/kiln/spec.yaml";
 
@@ -42,9 +40,29 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Supervise: watch memory pressure, prewarm in the spec's windows, report to systemd.
-    /// (The inference API joins this command with the inference workers.)
-    Run,
+    /// Serve the OpenAI-compatible API with one llama.cpp worker per loaded model; watch
+    /// memory pressure, prewarm in the spec's windows, report to systemd and journald.
+    Run {
+        /// Listen here instead of the spec's supervisor.listen.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+    },
+    /// One model's inference worker (kilnd starts these itself).
+    #[command(hide = true)]
+    Worker {
+        #[arg(long)]
+        gguf: PathBuf,
+        #[arg(long)]
+        sha256: String,
+        #[arg(long)]
+        threads: u32,
+        #[arg(long)]
+        context: u32,
+        #[arg(long)]
+        batch: u32,
+        #[arg(long)]
+        prefix_dir: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -140,58 +158,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run => supervise(&cli),
+        Command::Run { listen } => kiln_supervisor::serve::run(&kiln_supervisor::serve::RunArgs {
+            spec: cli.spec.clone(),
+            state_dir: cli.state_dir.clone(),
+            listen: *listen,
+        }),
+        Command::Worker { gguf, sha256, threads, context, batch, prefix_dir } => {
+            kiln_supervisor::worker::child::run(&kiln_supervisor::worker::child::WorkerArgs {
+                gguf: gguf.clone(),
+                sha256: sha256.clone(),
+                threads: *threads,
+                context: *context,
+                batch: *batch,
+                prefix_dir: prefix_dir.clone(),
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
-}
-
-fn supervise(cli: &Cli) -> Result<ExitCode> {
-    let loaded = load(cli)?;
-    let sink = log::init(loaded.spec.supervisor.log_level.as_str());
-    let placement = Placement::create(&loaded.spec)?;
-    let mut engine = Engine::open(loaded.spec, cli.state_dir.as_deref())?;
-    tracing::info!(message_id = log::message_id::STARTED, sink = ?sink, spec = %cli.spec.display(), "kilnd started for {}", engine.spec.name);
-    let prewarm = |engine: &Engine| -> Result<()> {
-        let list = engine.prewarm_list();
-        if list.is_empty() {
-            return Ok(());
-        }
-        let status = placement
-            .spawn_prewarm(&cli.spec, cli.state_dir.as_deref(), &list)?
-            .wait()
-            .context("waiting for the prewarm copy")?;
-        if !status.success() {
-            tracing::warn!("prewarm copy ended with {status}");
-        }
-        Ok(())
-    };
-    // READY first: a prewarm of gigabytes must not hold up start-up (or hit TimeoutStartSec).
-    let _ = notify::ready(&format!("{} model(s) configured", engine.spec.models.len()));
-    if engine.spec.cache.prewarm.at_boot {
-        prewarm(&engine)?;
-    }
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
-    let result = rt.block_on(async {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).context("watching SIGTERM")?;
-        let mut int = signal(SignalKind::interrupt()).context("watching SIGINT")?;
-        loop {
-            let reading = read_memory()?;
-            let level = engine.react_to_pressure(reading)?;
-            let status = engine.status(Some(reading));
-            if status.prewarm_window_open {
-                prewarm(&engine)?;
-            }
-            let _ = notify::status(&format!("pressure {level:?}; {} MiB hot", status.hot_used_bytes >> 20));
-            let _ = notify::watchdog();
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(10)) => {}
-                _ = term.recv() => break,
-                _ = int.recv() => break,
-            }
-        }
-        tracing::info!("kilnd stopping");
-        Ok(ExitCode::SUCCESS)
-    });
-    placement.cleanup();
-    result
 }

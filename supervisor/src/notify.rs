@@ -30,6 +30,11 @@ pub fn watchdog() -> std::io::Result<bool> {
     notify("WATCHDOG=1")
 }
 
+/// STOPPING=1: kilnd is shutting down.
+pub fn stopping() -> std::io::Result<bool> {
+    notify("STOPPING=1")
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

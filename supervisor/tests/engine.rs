@@ -4,11 +4,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use sha2::Digest;
+
+mod common;
+use common::{journal, journald, since};
 
 const SMOL_SHA: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 
@@ -55,76 +57,6 @@ fn kilnd(spec: &Path, state: &Path, args: &[&str]) -> std::process::Output {
         .args(args)
         .output()
         .unwrap()
-}
-
-/// A journald to test against: the running one, or one started by hand (as root) once per
-/// test process. A socket left by a journald that died is cleared first: sending to it
-/// succeeds at nothing.
-fn journald(test: &str) -> bool {
-    static STARTED: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
-    let mut started = STARTED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let listening = kiln_supervisor::log::journald_listening;
-    if !listening()
-        && !*started
-        && nix::unistd::geteuid().is_root()
-        && Path::new("/lib/systemd/systemd-journald").exists()
-    {
-        let _ = std::fs::remove_file(kiln_supervisor::log::JOURNALD_SOCKET);
-        let _ = Command::new("/lib/systemd/systemd-journald")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .process_group(0)
-            .spawn();
-        *started = true;
-        for _ in 0..100 {
-            if listening() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-    }
-    let ok = listening() && Command::new("journalctl").arg("--version").output().is_ok();
-    if !ok {
-        assert!(
-            std::env::var("KILN_REQUIRE_TOOLS").as_deref() != Ok("1"),
-            "{test}: no journald and KILN_REQUIRE_TOOLS=1"
-        );
-        eprintln!("SKIP {test}: no journald listening (start /lib/systemd/systemd-journald as root)");
-    }
-    ok
-}
-
-/// Journal entries with this MESSAGE_ID for this model, as JSON objects. journald reads its
-/// socket on its own schedule: ask a few times before concluding there is none.
-fn journal(message_id: &str, model: &str, since: &str) -> Vec<serde_json::Value> {
-    for _ in 0..50 {
-        let _ = Command::new("journalctl").arg("--sync").output();
-        let out = Command::new("journalctl")
-            .args([
-                "--no-pager",
-                "-o",
-                "json",
-                "--since",
-                since,
-                &format!("MESSAGE_ID={message_id}"),
-                &format!("MODEL={model}"),
-            ])
-            .output()
-            .unwrap();
-        let entries: Vec<serde_json::Value> =
-            String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
-        if !entries.is_empty() {
-            return entries;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    Vec::new()
-}
-
-fn since() -> String {
-    let out = Command::new("date").args(["+%Y-%m-%d %H:%M:%S"]).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 #[test]

@@ -1,0 +1,476 @@
+//! kilnd's side of the workers: one task per model owns its worker process, takes jobs from
+//! a bounded queue, loads the worker on demand (after admission control), forwards its events
+//! to the HTTP handler, cancels when the client goes away, unloads after the keep-alive, and
+//! restarts a crashed worker with backoff. kilnd never goes down because of a worker.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context as _, Result, anyhow};
+use serde::Serialize;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::net::UnixStream;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::mpsc;
+
+use super::{ErrorKind, Event, Finish, ModelInfo, Request, Sampling};
+use crate::cgroup::{CgroupBackend, CgroupHandle, MemoryEvents};
+use crate::log::message_id;
+
+/// What the HTTP handler receives for a job.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    Started { prompt_tokens: u32, reused_tokens: u32, prefix_restored: bool, queued_ms: f64 },
+    Token(String),
+    Done { finish: Finish, prompt_tokens: u32, completion_tokens: u32, prompt_ms: f64, generation_ms: f64 },
+    Failed(Failure),
+}
+
+/// Why a job failed, with the HTTP status it maps to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    pub status: u16,
+    pub message: String,
+    pub retry_after_secs: Option<u64>,
+}
+
+impl Failure {
+    fn new(status: u16, message: impl Into<String>, retry_after_secs: Option<u64>) -> Self {
+        Failure { status, message: message.into(), retry_after_secs }
+    }
+}
+
+/// What to generate from: a chat (rendered with the template once the model's tokens are
+/// known) or a plain prompt.
+#[derive(Debug, Clone)]
+pub enum Input {
+    Chat { messages: Vec<crate::chat::Message>, template_override: Option<String> },
+    Text(String),
+}
+
+#[derive(Debug)]
+pub struct Job {
+    pub input: Input,
+    pub sampling: Sampling,
+    pub prompt_tokens_limit: Option<u32>,
+    pub reply: mpsc::UnboundedSender<Reply>,
+    pub queued_at: Instant,
+}
+
+/// What /status shows about a model's worker.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Runtime {
+    pub state: &'static str,
+    pub pid: Option<u32>,
+    pub info: Option<ModelInfo>,
+    pub gguf: Option<PathBuf>,
+    pub loaded_from: Option<&'static str>,
+    pub requests: u64,
+    pub failures: u64,
+    pub restarts: u64,
+    /// Generations stopped because the client went away.
+    pub cancelled: u64,
+    pub loads: u64,
+    pub unloads: u64,
+    pub busy: bool,
+    pub queued: usize,
+    /// Seconds since the epoch.
+    pub last_used: Option<u64>,
+    pub last_error: Option<String>,
+}
+
+/// Decides whether a model may load now (admission control), given by the server.
+pub type Admit = Arc<dyn Fn(&str) -> Result<(), Failure> + Send + Sync>;
+
+/// Everything a model's task needs to start its worker.
+#[derive(Clone)]
+pub struct WorkerConfig {
+    pub model_id: String,
+    pub sha256: String,
+    pub store_path: PathBuf,
+    pub hot_path: Option<PathBuf>,
+    pub threads: u32,
+    pub context: u32,
+    pub batch: u32,
+    pub prefix_dir: Option<PathBuf>,
+    pub keep_alive: Duration,
+    pub load_timeout: Duration,
+    pub backend: Option<(Arc<dyn CgroupBackend>, CgroupHandle)>,
+    pub admit: Admit,
+    /// The executable to run as `worker` (kilnd itself).
+    pub exe: PathBuf,
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl std::fmt::Debug for WorkerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerConfig").field("model_id", &self.model_id).finish_non_exhaustive()
+    }
+}
+
+/// The handle the server keeps per model.
+#[derive(Debug, Clone)]
+pub struct ModelWorker {
+    pub id: String,
+    tx: mpsc::Sender<Job>,
+    pub runtime: Arc<Mutex<Runtime>>,
+}
+
+impl ModelWorker {
+    /// Starts the model's task (no process yet: the first job loads it).
+    pub fn spawn(cfg: WorkerConfig, queue_depth: usize) -> ModelWorker {
+        let (tx, rx) = mpsc::channel(queue_depth.max(1));
+        let runtime = Arc::new(Mutex::new(Runtime { state: "unloaded", ..Default::default() }));
+        let id = cfg.model_id.clone();
+        tokio::spawn(Task { cfg, rt: runtime.clone(), proc: None, backoff: Duration::ZERO, next_id: 1 }.run(rx));
+        ModelWorker { id, tx, runtime }
+    }
+
+    /// Queues a job; `Err` is the 429 to send when the queue is full.
+    pub fn submit(&self, job: Job) -> Result<(), Failure> {
+        match self.tx.try_send(job) {
+            Ok(()) => {
+                self.lock().queued += 1;
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                Err(Failure::new(429, format!("the queue for {} is full; retry shortly", self.id), Some(1)))
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                Err(Failure::new(503, format!("the worker task for {} has stopped", self.id), Some(5)))
+            }
+        }
+    }
+
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, Runtime> {
+        self.runtime.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+struct Proc {
+    child: tokio::process::Child,
+    lines: Lines<BufReader<OwnedReadHalf>>,
+    write: OwnedWriteHalf,
+    events_before: MemoryEvents,
+}
+
+struct Task {
+    cfg: WorkerConfig,
+    rt: Arc<Mutex<Runtime>>,
+    proc: Option<Proc>,
+    backoff: Duration,
+    next_id: u64,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl Task {
+    fn rt(&self) -> std::sync::MutexGuard<'_, Runtime> {
+        self.rt.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+        loop {
+            let job = if self.proc.is_some() {
+                match tokio::time::timeout(self.cfg.keep_alive, rx.recv()).await {
+                    Ok(j) => j,
+                    Err(_) => {
+                        self.unload("keep-alive expired").await;
+                        continue;
+                    }
+                }
+            } else {
+                rx.recv().await
+            };
+            let Some(job) = job else { break };
+            {
+                let mut rt = self.rt();
+                rt.queued = rt.queued.saturating_sub(1);
+            }
+            if job.reply.is_closed() {
+                continue; // the client left while queued
+            }
+            self.serve(job).await;
+        }
+        self.unload("kilnd stopping").await;
+    }
+
+    /// Stops the worker; its memory goes back (the weights stay in the hot tier/page cache).
+    pub async fn unload(&mut self, why: &str) {
+        if let Some(mut p) = self.proc.take() {
+            drop(p.write);
+            let _ = p.child.start_kill();
+            let _ = p.child.wait().await;
+            let mut rt = self.rt();
+            rt.state = "unloaded";
+            rt.pid = None;
+            rt.unloads += 1;
+            self.cfg.metrics.evictions.get_or_create(&crate::metrics::Metrics::model(&self.cfg.model_id)).inc();
+            tracing::info!(message_id = message_id::MODEL_UNLOADED, model = %self.cfg.model_id, reason = why, "unloaded {} ({why})", self.cfg.model_id);
+        }
+    }
+
+    async fn serve(&mut self, job: Job) {
+        if self.proc.is_none() {
+            if !self.backoff.is_zero() {
+                tokio::time::sleep(self.backoff).await;
+            }
+            if let Err(f) = (self.cfg.admit)(&self.cfg.model_id) {
+                tracing::warn!(message_id = message_id::LOAD_REFUSED, model = %self.cfg.model_id, "{}", f.message);
+                let _ = job.reply.send(Reply::Failed(f));
+                return;
+            }
+            match self.load().await {
+                Ok(p) => self.proc = Some(p),
+                Err(e) => {
+                    let message = format!("loading {}: {e:#}", self.cfg.model_id);
+                    tracing::error!(model = %self.cfg.model_id, "{message}");
+                    self.bump_backoff();
+                    {
+                        let mut rt = self.rt();
+                        rt.state = "failed";
+                        rt.last_error = Some(message.clone());
+                        rt.failures += 1;
+                    }
+                    let _ =
+                        job.reply.send(Reply::Failed(Failure::new(503, message, Some(self.backoff.as_secs().max(1)))));
+                    return;
+                }
+            }
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        {
+            let mut rt = self.rt();
+            rt.busy = true;
+            rt.requests += 1;
+            rt.last_used = Some(now_secs());
+        }
+        let result = self.pump(id, &job).await;
+        {
+            let mut rt = self.rt();
+            rt.busy = false;
+            rt.last_used = Some(now_secs());
+        }
+        if let Err(e) = result {
+            // The worker died or the socket broke: find out how, answer 503, restart later.
+            let how = self.reap().await;
+            let message = format!("the worker for {} exited during the request ({how}); retry", self.cfg.model_id);
+            let id = if how.contains("OOM-killed") { message_id::OOM_KILL } else { message_id::WORKER_EXITED };
+            tracing::error!(message_id = id, model = %self.cfg.model_id, error = %e, "{message}");
+            self.cfg.metrics.restarts.get_or_create(&crate::metrics::Metrics::model(&self.cfg.model_id)).inc();
+            self.bump_backoff();
+            {
+                let mut rt = self.rt();
+                rt.restarts += 1;
+                rt.failures += 1;
+                rt.last_error = Some(message.clone());
+            }
+            let _ = job.reply.send(Reply::Failed(Failure::new(503, message, Some(self.backoff.as_secs().max(1)))));
+        } else {
+            self.backoff = Duration::ZERO;
+        }
+    }
+
+    fn bump_backoff(&mut self) {
+        self.backoff = (self.backoff * 2).clamp(Duration::from_millis(500), Duration::from_secs(30));
+    }
+
+    /// Sends the job and forwards events until it is done. `Err` when the worker is gone.
+    async fn pump(&mut self, id: u64, job: &Job) -> Result<()> {
+        let (prompt, prefix_bytes) = match &job.input {
+            Input::Text(t) => (t.clone(), None),
+            Input::Chat { messages, template_override } => {
+                let info = self.rt().info.clone().unwrap_or_else(|| ModelInfo {
+                    chat_template: None,
+                    bos_token: String::new(),
+                    eos_token: String::new(),
+                    n_ctx: 0,
+                    n_ctx_train: 0,
+                    load_ms: 0,
+                    rss_anon_bytes: 0,
+                    rss_file_bytes: 0,
+                });
+                let template = template_override.as_deref().or(info.chat_template.as_deref());
+                match crate::chat::render(template, messages, &info.bos_token, &info.eos_token) {
+                    Ok(r) => (r.prompt, r.prefix_bytes),
+                    Err(message) => {
+                        let _ = job.reply.send(Reply::Failed(Failure::new(400, message, None)));
+                        return Ok(());
+                    }
+                }
+            }
+        };
+        let Some(p) = self.proc.as_mut() else { return Err(anyhow!("no worker")) };
+        let req = Request::Generate {
+            id,
+            prompt,
+            prefix_bytes,
+            sampling: job.sampling.clone(),
+            prompt_tokens_limit: job.prompt_tokens_limit,
+        };
+        send(&mut p.write, &req).await?;
+        let queued_ms = job.queued_at.elapsed().as_secs_f64() * 1e3;
+        let mut cancelled = false;
+        loop {
+            let line = tokio::select! {
+                line = p.lines.next_line() => line.context("reading from the worker")?,
+                () = job.reply.closed(), if !cancelled => {
+                    cancelled = true;
+                    send(&mut p.write, &Request::Cancel { id }).await?;
+                    continue;
+                }
+            };
+            let Some(line) = line else { return Err(anyhow!("the worker closed its socket")) };
+            let ev: Event =
+                serde_json::from_str(&line).with_context(|| format!("a bad line from the worker: {line}"))?;
+            let reply = match ev {
+                Event::Started { id: i, prompt_tokens, reused_tokens, prefix_restored, .. } if i == id => {
+                    Reply::Started { prompt_tokens, reused_tokens, prefix_restored, queued_ms }
+                }
+                Event::Token { id: i, text } if i == id => Reply::Token(text),
+                Event::Done { id: i, finish, prompt_tokens, completion_tokens, prompt_ms, generation_ms }
+                    if i == id =>
+                {
+                    if finish == Finish::Cancelled {
+                        self.rt.lock().unwrap_or_else(std::sync::PoisonError::into_inner).cancelled += 1;
+                    }
+                    let _ = job.reply.send(Reply::Done {
+                        finish,
+                        prompt_tokens,
+                        completion_tokens,
+                        prompt_ms,
+                        generation_ms,
+                    });
+                    return Ok(());
+                }
+                Event::Error { id: i, kind, message } if i == id => {
+                    let status = if kind == ErrorKind::BadRequest { 400 } else { 500 };
+                    let _ = job.reply.send(Reply::Failed(Failure::new(status, message, None)));
+                    return Ok(());
+                }
+                _ => continue, // a stale event of an earlier, cancelled job
+            };
+            if job.reply.send(reply).is_err() && !cancelled {
+                cancelled = true;
+                send(&mut p.write, &Request::Cancel { id }).await?;
+            }
+        }
+    }
+
+    /// Waits for a dead worker and says how it ended (with its cgroup's memory events).
+    async fn reap(&mut self) -> String {
+        let Some(mut p) = self.proc.take() else { return "not running".into() };
+        let status = match tokio::time::timeout(Duration::from_secs(5), p.child.wait()).await {
+            Ok(Ok(s)) => s.to_string(),
+            _ => {
+                let _ = p.child.kill().await;
+                "killed after its socket broke".into()
+            }
+        };
+        let mut how = status;
+        if let Some((backend, cg)) = &self.cfg.backend
+            && let Ok(ev) = backend.memory_events(cg)
+        {
+            let oom = ev.oom_kill.saturating_sub(p.events_before.oom_kill);
+            if oom > 0 {
+                how = format!(
+                    "{how}; OOM-killed: memory.events oom_kill +{oom}, max +{}",
+                    ev.max - p.events_before.max.min(ev.max)
+                );
+            }
+        }
+        let mut rt = self.rt();
+        rt.state = "failed";
+        rt.pid = None;
+        how
+    }
+
+    async fn load(&mut self) -> Result<Proc> {
+        let c = &self.cfg;
+        let (gguf, from) = match &c.hot_path {
+            Some(h) if h.is_file() => (h.clone(), "hot"),
+            _ if c.store_path.is_file() => (c.store_path.clone(), "store"),
+            _ => {
+                return Err(anyhow!(
+                    "{} is not in the store yet ({}); kilnd fetches it or `kiln deploy` copies it",
+                    c.model_id,
+                    c.store_path.display()
+                ));
+            }
+        };
+        {
+            let mut rt = self.rt();
+            rt.state = "loading";
+        }
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().context("creating the worker socket")?;
+        let mut cmd = tokio::process::Command::new(&c.exe);
+        cmd.arg("worker")
+            .arg("--gguf")
+            .arg(&gguf)
+            .args(["--sha256", &c.sha256])
+            .args(["--threads", &c.threads.to_string()])
+            .args(["--context", &c.context.to_string()])
+            .args(["--batch", &c.batch.to_string()]);
+        if let Some(dir) = &c.prefix_dir {
+            cmd.arg("--prefix-dir").arg(dir);
+        }
+        cmd.stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs))).stdout(Stdio::null()).kill_on_drop(true);
+        let child = cmd.spawn().with_context(|| format!("starting {} worker", c.exe.display()))?;
+        let pid = child.id().unwrap_or(0);
+        let mut events_before = MemoryEvents::default();
+        // Into the model's cgroup before it allocates anything: it waits for Load.
+        if let Some((backend, cg)) = &c.backend {
+            backend
+                .attach(cg, nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(0)))
+                .with_context(|| format!("placing the worker in cgroup {}", cg.name()))?;
+            events_before = backend.memory_events(cg).unwrap_or_default();
+        }
+        ours.set_nonblocking(true).context("socket")?;
+        let (read, mut write) = UnixStream::from_std(ours).context("socket")?.into_split();
+        let mut lines = BufReader::new(read).lines();
+        send(&mut write, &Request::Load).await?;
+        let first = tokio::time::timeout(c.load_timeout, lines.next_line())
+            .await
+            .map_err(|_| anyhow!("no answer within {} s", c.load_timeout.as_secs()))?
+            .context("reading from the worker")?
+            .ok_or_else(|| anyhow!("the worker exited while loading"))?;
+        match serde_json::from_str::<Event>(&first).context("the worker's first line")? {
+            Event::Loaded(info) => {
+                tracing::info!(
+                    message_id = message_id::MODEL_LOADED,
+                    model = %c.model_id,
+                    tier = from,
+                    pid = pid,
+                    load_ms = info.load_ms,
+                    rss_anon_bytes = info.rss_anon_bytes,
+                    rss_file_bytes = info.rss_file_bytes,
+                    "loaded {} from the {from} tier in {} ms (anon {} MiB, file-backed {} MiB)",
+                    c.model_id, info.load_ms, info.rss_anon_bytes >> 20, info.rss_file_bytes >> 20
+                );
+                let mut rt = self.rt();
+                rt.state = "loaded";
+                rt.pid = Some(pid);
+                rt.info = Some(info);
+                rt.gguf = Some(gguf);
+                rt.loaded_from = Some(from);
+                rt.loads += 1;
+                rt.last_error = None;
+                c.metrics.loads.get_or_create(&crate::metrics::Metrics::model(&c.model_id)).inc();
+                Ok(Proc { child, lines, write, events_before })
+            }
+            Event::LoadFailed { message } => Err(anyhow!(message)),
+            other => Err(anyhow!("unexpected first event {other:?}")),
+        }
+    }
+}
+
+async fn send(w: &mut OwnedWriteHalf, req: &Request) -> Result<()> {
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    w.write_all(&line).await.context("writing to the worker")
+}

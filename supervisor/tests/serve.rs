@@ -1,0 +1,511 @@
+//! `kilnd run` for real: the SmolLM2-135M GGUF served by llama.cpp workers behind the
+//! OpenAI-compatible API. Caches, streaming, limits, a worker killed mid-request, a second
+//! kilnd on the same port, tokens, the prefix cache across restarts, client disconnects,
+//! queue overflow, /metrics as Prometheus text, and journald entries.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+mod common;
+
+const SMOL_SHA: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// A state dir with the model in its store and a spec; `supervisor` is extra YAML for the
+/// spec's supervisor section.
+fn device(state: &Path, supervisor: &str) -> PathBuf {
+    let model = repo().join("examples/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(model.is_file(), "run scripts/fetch-model first");
+    let store = state.join("var/lib/kiln/models");
+    std::fs::create_dir_all(&store).unwrap();
+    let dest = store.join(format!("{SMOL_SHA}.gguf"));
+    if !dest.exists() {
+        // A hard link when the file system allows: 98 MB per test otherwise.
+        if std::fs::hard_link(&model, &dest).is_err() {
+            std::fs::copy(&model, &dest).unwrap();
+        }
+    }
+    let spec = format!(
+        r#"api-version: kiln/v1
+name: serve-test
+hardware: {{ board: generic-x86_64, ram: 4GiB }}
+system: {{ timezone: UTC }}
+memory:
+  tmpfs: {{ path: /var/cache/kiln/hot, size: 256MiB }}
+models:
+  - {{ id: smollm2-135m, sha256: {SMOL_SHA}, size: 98362432, context: 2048, threads: 2, pin: true }}
+cache:
+  responses: {{ memory: 1MiB, disk: 8MiB, ttl: 1h }}
+  prefix: {{ size: 64MiB, ttl: 1d }}
+supervisor:
+  log-level: debug
+{supervisor}
+"#
+    );
+    let path = state.join("spec.yaml");
+    std::fs::write(&path, spec).unwrap();
+    path
+}
+
+/// A running kilnd; stopped (SIGTERM, then SIGKILL) when dropped.
+struct Kilnd {
+    child: Child,
+    url: String,
+}
+
+impl Kilnd {
+    fn start(spec: &Path, state: &Path) -> Kilnd {
+        Self::try_start(spec, state, "127.0.0.1:0").unwrap_or_else(|log| panic!("kilnd did not start:\n{log}"))
+    }
+
+    fn try_start(spec: &Path, state: &Path, listen: &str) -> Result<Kilnd, String> {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kilnd"))
+            .arg("--spec")
+            .arg(spec)
+            .arg("--state-dir")
+            .arg(state)
+            .args(["run", "--listen", listen])
+            .env("KILND_CGROUP_PARENT", "kiln-test-serve")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if let Some(url) = line.strip_prefix("kilnd: listening on ") {
+                        let _ = tx.send(url.to_owned());
+                    }
+                    let mut l = log.lock().unwrap();
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            });
+        }
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(url) => Ok(Kilnd { child, url }),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                std::thread::sleep(Duration::from_millis(100));
+                Err(log.lock().unwrap().clone())
+            }
+        }
+    }
+
+    fn agent() -> ureq::Agent {
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(120)))
+            .build()
+            .into()
+    }
+
+    fn post(&self, path: &str, body: &Value) -> (u16, Value, ureq::http::HeaderMap) {
+        let mut r = Self::agent().post(&format!("{}{path}", self.url)).send_json(body).unwrap();
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        let text = r.body_mut().read_to_string().unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)), headers)
+    }
+
+    fn get(&self, path: &str) -> (u16, String) {
+        let mut r = Self::agent().get(&format!("{}{path}", self.url)).call().unwrap();
+        (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
+    }
+
+    fn status(&self) -> Value {
+        serde_json::from_str(&self.get("/status").1).unwrap()
+    }
+
+    fn worker(&self) -> Value {
+        self.status()["models"][0]["worker"].clone()
+    }
+}
+
+impl Drop for Kilnd {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn chat(content: &str, extra: Value) -> Value {
+    let mut body =
+        json!({"model": "smollm2-135m", "messages": [{"role": "user", "content": content}], "max_tokens": 24});
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body
+}
+
+/// The `data:` payloads of a server-sent event stream.
+fn sse_events(text: &str) -> Vec<String> {
+    text.lines().filter_map(|l| l.strip_prefix("data: ")).map(str::to_owned).collect()
+}
+
+fn content_of(events: &[String]) -> String {
+    events
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[test]
+fn chat_is_answered_cached_streamed_and_measured() {
+    let journal = common::journald("chat_is_answered_cached_streamed_and_measured");
+    let since = common::since();
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = device(tmp.path(), "");
+    let k = Kilnd::start(&spec, tmp.path());
+    assert_eq!(k.get("/health"), (200, r#"{"status":"ok"}"#.to_owned()));
+
+    let (_, models) = k.get("/v1/models");
+    let models: Value = serde_json::from_str(&models).unwrap();
+    assert_eq!(models["object"], "list");
+    assert_eq!(models["data"][0]["id"], "smollm2-135m");
+
+    // Temperature 0: the same text twice, the second from the response cache.
+    let req = chat("Name three colours.", json!({"temperature": 0}));
+    let (s1, a, h1) = k.post("/v1/chat/completions", &req);
+    assert_eq!(s1, 200, "{a}");
+    let text = a["choices"][0]["message"]["content"].as_str().unwrap().to_owned();
+    assert!(!text.trim().is_empty());
+    assert_eq!(a["object"], "chat.completion");
+    assert_eq!(a["choices"][0]["message"]["role"], "assistant");
+    assert!(a["usage"]["prompt_tokens"].as_u64().unwrap() > 5);
+    assert!(a["usage"]["completion_tokens"].as_u64().unwrap() >= 1);
+    assert_eq!(h1["x-kiln-cache"], "miss");
+    let (s2, b, h2) = k.post("/v1/chat/completions", &req);
+    assert_eq!(s2, 200);
+    assert_eq!(h2["x-kiln-cache"], "hit");
+    assert_eq!(b["choices"][0]["message"]["content"], text.as_str());
+    assert_eq!(b["usage"], a["usage"]);
+
+    // Streaming: several chunks, then [DONE]; the text equals the non-streamed one at
+    // temperature 0 (a different key: the stream flag is not part of it, so this is a hit
+    // replayed as a stream).
+    let mut stream_req = req.clone();
+    stream_req["stream"] = json!(true);
+    let (s3, body, h3) = k.post("/v1/chat/completions", &stream_req);
+    assert_eq!(s3, 200);
+    assert_eq!(h3["x-kiln-cache"], "hit");
+    let events = sse_events(body.as_str().unwrap());
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    assert!(events.len() > 3, "{events:?}");
+    assert_eq!(content_of(&events), text);
+
+    // A fresh streamed generation (sampling, not cached) also streams token by token.
+    let fresh =
+        chat("Write a short sentence about the sea.", json!({"stream": true, "temperature": 0.7, "max_tokens": 16}));
+    let (s4, body, h4) = k.post("/v1/chat/completions", &fresh);
+    assert_eq!(s4, 200);
+    assert_eq!(h4["x-kiln-cache"], "miss");
+    assert_eq!(h4["content-type"], "text/event-stream");
+    let events = sse_events(body.as_str().unwrap());
+    assert!(events.len() > 3 && events.last().unwrap() == "[DONE]", "{events:?}");
+    let last: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert!(last["choices"][0]["finish_reason"].is_string());
+
+    // Text completions.
+    let (s5, c, _) =
+        k.post("/v1/completions", &json!({"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}));
+    assert_eq!(s5, 200, "{c}");
+    assert_eq!(c["object"], "text_completion");
+    assert!(!c["choices"][0]["text"].as_str().unwrap().is_empty());
+
+    // /metrics is Prometheus text with the counters of what just happened.
+    let (sm, metrics) = k.get("/metrics");
+    assert_eq!(sm, 200);
+    let lines = metrics.lines().map(|l| Ok(l.to_owned()));
+    let scrape = prometheus_parse::Scrape::parse(lines).unwrap();
+    let value = |name: &str, labels: &[(&str, &str)]| -> f64 {
+        scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => 0.0,
+            })
+            .sum()
+    };
+    assert_eq!(value("kilnd_cache_lookups_total", &[("cache", "response"), ("result", "hit")]), 2.0);
+    assert_eq!(value("kilnd_requests_total", &[("endpoint", "/v1/chat/completions"), ("status", "200")]), 4.0);
+    assert_eq!(value("kilnd_model_loads_total", &[("model", "smollm2-135m")]), 1.0);
+    assert!(scrape.samples.iter().any(|s| s.metric == "kilnd_time_to_first_token_seconds_count"));
+    assert!(scrape.samples.iter().any(|s| s.metric == "kilnd_decode_tokens_per_second_count"));
+
+    // /status: the model is loaded by a worker, with its memory measured.
+    let st = k.status();
+    let m = &st["models"][0];
+    assert_eq!(m["tier"], "loaded");
+    assert_eq!(m["sha256"], SMOL_SHA);
+    assert_eq!(m["worker"]["requests"], 3);
+    assert!(m["worker"]["info"]["rss_file_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(st["response_cache"]["hits"], 2);
+
+    if journal {
+        let loaded = common::journal(kiln_supervisor::log::message_id::MODEL_LOADED, "smollm2-135m", &since);
+        let e = loaded.last().expect("no MODEL_LOADED entry in the journal");
+        assert_eq!(e["SYSLOG_IDENTIFIER"], "kilnd");
+        assert_eq!(e["TIER"], "store");
+        let served = common::journal(kiln_supervisor::log::message_id::REQUEST, "smollm2-135m", &since);
+        assert!(served.iter().any(|e| e["TOKENS_PER_SECOND"].is_string()), "no REQUEST entry with tokens/s");
+    }
+}
+
+#[test]
+fn bad_requests_get_clear_openai_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = device(tmp.path(), "  limits: { body: 64KiB, prompt-tokens: 200, max-tokens: 256 }");
+    let k = Kilnd::start(&spec, tmp.path());
+    let error = |(status, body, _): (u16, Value, ureq::http::HeaderMap)| -> (u16, String, String) {
+        (
+            status,
+            body["error"]["message"].as_str().unwrap_or_default().to_owned(),
+            body["error"]["type"].as_str().unwrap_or_default().to_owned(),
+        )
+    };
+    let (s, msg, kind) = error(k.post("/v1/chat/completions", &chat("hi", json!({"max_tokens": 5000}))));
+    assert_eq!((s, kind.as_str()), (400, "invalid_request_error"));
+    assert!(msg.contains("max_tokens is 5000; this kilnd allows at most 256"), "{msg}");
+
+    let long = "word ".repeat(400);
+    let (s, msg, _) = error(k.post("/v1/chat/completions", &chat(&long, json!({}))));
+    assert_eq!(s, 400);
+    assert!(msg.contains("supervisor.prompt-tokens-limit allows 200"), "{msg}");
+
+    let huge = "x".repeat(100 * 1024);
+    let (s, msg, _) = error(k.post("/v1/chat/completions", &chat(&huge, json!({}))));
+    assert_eq!(s, 413);
+    assert!(msg.contains("body-limit"), "{msg}");
+
+    let (s, body, _) = k.post("/v1/chat/completions", &chat("hi", json!({"model": "gpt-4"})));
+    assert_eq!(s, 404);
+    assert_eq!(body["error"]["code"], "model_not_found");
+    assert!(body["error"]["message"].as_str().unwrap().contains("this kilnd serves smollm2-135m"));
+
+    let (s, msg, _) = error(k.post("/v1/chat/completions", &json!({"model": "smollm2-135m"})));
+    assert_eq!(s, 400);
+    assert!(msg.contains("missing field `messages`"), "{msg}");
+
+    // The worker is fine after all that.
+    let (s, _, _) = k.post("/v1/chat/completions", &chat("hi", json!({"max_tokens": 4})));
+    assert_eq!(s, 200);
+}
+
+#[test]
+fn a_killed_worker_fails_its_request_with_503_and_is_restarted() {
+    let journal = common::journald("a_killed_worker_fails_its_request_with_503_and_is_restarted");
+    let since = common::since();
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = device(tmp.path(), "");
+    let k = Kilnd::start(&spec, tmp.path());
+    let (s, _, _) = k.post("/v1/completions", &json!({"prompt": "Hello", "max_tokens": 2}));
+    assert_eq!(s, 200);
+    let pid = k.worker()["pid"].as_u64().unwrap();
+    let url = k.url.clone();
+    let long = std::thread::spawn(move || {
+        let mut r = Kilnd::agent()
+            .post(&format!("{url}/v1/completions"))
+            .send_json(json!({"prompt": "Once upon a time", "max_tokens": 1000, "temperature": 1.0, "seed": 7}))
+            .unwrap();
+        (r.status().as_u16(), r.headers().get("retry-after").is_some(), r.body_mut().read_to_string().unwrap())
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while k.worker()["busy"] != true {
+        assert!(Instant::now() < deadline, "the request never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let (status, retry_after, body) = long.join().unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(retry_after);
+    assert!(body.contains("exited during the request") && body.contains("signal: 9"), "{body}");
+    // The next request loads a new worker.
+    let (s, body, _) = k.post("/v1/completions", &json!({"prompt": "Hello", "max_tokens": 2}));
+    assert_eq!(s, 200, "{body}");
+    let w = k.worker();
+    assert_eq!(w["restarts"], 1);
+    assert_eq!(w["loads"], 2);
+    assert_ne!(w["pid"].as_u64().unwrap(), pid);
+    if journal {
+        let e = common::journal(kiln_supervisor::log::message_id::WORKER_EXITED, "smollm2-135m", &since);
+        assert!(!e.is_empty(), "no WORKER_EXITED entry");
+    }
+}
+
+#[test]
+fn a_second_kilnd_on_the_same_port_fails_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = device(tmp.path(), "");
+    let k = Kilnd::start(&spec, tmp.path());
+    let addr = k.url.trim_start_matches("http://").to_owned();
+    let second = Kilnd::try_start(&spec, tmp.path(), &addr);
+    let log = second.err().expect("a second kilnd started on a taken port");
+    assert!(log.contains(&format!("cannot listen on {addr}")) && log.contains("another kilnd"), "{log}");
+    // The first one still serves.
+    assert_eq!(k.get("/health").0, 200);
+}
+
+#[test]
+fn a_token_is_required_when_configured_and_for_other_than_loopback() {
+    let tmp = tempfile::tempdir().unwrap();
+    let no_token = device(tmp.path(), "");
+    let log = Kilnd::try_start(&no_token, tmp.path(), "0.0.0.0:0").err().expect("served on 0.0.0.0 without a token");
+    assert!(log.contains("refusing to listen on 0.0.0.0:0 without an API token"), "{log}");
+
+    let token = tmp.path().join("token");
+    std::fs::write(&token, "s3cret\n").unwrap();
+    let spec = device(tmp.path(), &format!("  api-token-file: {}", token.display()));
+    let k = Kilnd::start(&spec, tmp.path());
+    let (s, body, _) = k.post("/v1/chat/completions", &chat("hi", json!({"max_tokens": 2})));
+    assert_eq!(s, 401);
+    assert_eq!(body["error"]["code"], "invalid_api_key");
+    let mut r = Kilnd::agent()
+        .post(&format!("{}/v1/chat/completions", k.url))
+        .header("authorization", "Bearer s3cret")
+        .send_json(chat("hi", json!({"max_tokens": 2})))
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200, "{}", r.body_mut().read_to_string().unwrap());
+    assert_eq!(k.get("/health").0, 200, "health stays open for probes");
+    assert_eq!(k.get("/metrics").0, 401);
+}
+
+/// ~1,000 tokens of system prompt.
+fn long_system_prompt() -> String {
+    let mut s = String::from("You are the assistant of a small bakery. Follow these house rules.\n");
+    for i in 1..=60 {
+        s.push_str(&format!(
+            "Rule {i}: greet customers warmly, list today's bread number {i}, and never promise delivery.\n"
+        ));
+    }
+    s
+}
+
+fn with_system(user: &str) -> Value {
+    json!({"model": "smollm2-135m", "max_tokens": 4, "temperature": 0,
+           "messages": [{"role": "system", "content": long_system_prompt()}, {"role": "user", "content": user}]})
+}
+
+#[test]
+fn the_prefix_cache_restores_a_long_system_prompt_after_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = device(tmp.path(), "");
+    let prefix_dir = tmp.path().join("var/cache/kiln/prefix");
+    let kv_files = || -> Vec<PathBuf> {
+        std::fs::read_dir(&prefix_dir)
+            .map(|rd| {
+                rd.filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "kv"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    {
+        let k = Kilnd::start(&spec, tmp.path());
+        let (s, body, h) = k.post("/v1/chat/completions", &with_system("Do you deliver?"));
+        assert_eq!(s, 200, "{body}");
+        assert_eq!(h["x-kiln-prefix-cache"], "miss");
+        assert!(body["usage"]["prompt_tokens"].as_u64().unwrap() > 900, "{body}");
+        assert_eq!(kv_files().len(), 1, "the system prompt's state was not saved");
+        // In the same worker the KV of the previous request is reused directly.
+        let (_, _, h) = k.post("/v1/chat/completions", &with_system("Which bread today?"));
+        assert!(h["x-kiln-reused-tokens"].to_str().unwrap().parse::<u32>().unwrap() > 900);
+    }
+    // A new kilnd (a new worker, empty KV): the prefix comes back from disk.
+    let k = Kilnd::start(&spec, tmp.path());
+    let (s, body, h) = k.post("/v1/chat/completions", &with_system("Are you open on Sunday?"));
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(h["x-kiln-prefix-cache"], "hit");
+    drop(k);
+    // A damaged state file is never restored: dropped and saved again.
+    let kv = kv_files().pop().unwrap();
+    let len = std::fs::metadata(&kv).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&kv).unwrap().set_len(len / 2).unwrap();
+    let k = Kilnd::start(&spec, tmp.path());
+    let (s, body, h) = k.post("/v1/chat/completions", &with_system("Bye."));
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(h["x-kiln-prefix-cache"], "miss");
+    assert_eq!(std::fs::metadata(&kv).unwrap().len(), len);
+}
+
+#[test]
+fn a_client_that_disconnects_cancels_its_generation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = device(tmp.path(), "");
+    let k = Kilnd::start(&spec, tmp.path());
+    let mut r = Kilnd::agent()
+        .post(&format!("{}/v1/completions", k.url))
+        .send_json(
+            json!({"prompt": "Once upon a time", "max_tokens": 1000, "temperature": 1.0, "seed": 3, "stream": true}),
+        )
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let mut reader = r.body_mut().as_reader();
+    let mut buf = [0u8; 512];
+    let n = reader.read(&mut buf).unwrap();
+    assert!(n > 0);
+    drop(reader);
+    drop(r);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while k.worker()["cancelled"] != 1 {
+        assert!(Instant::now() < deadline, "the generation went on: {}", k.worker());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(k.worker()["busy"], false);
+}
+
+#[test]
+fn a_full_queue_answers_429_with_retry_after() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = device(tmp.path(), "  queue-depth: 1");
+    let k = Kilnd::start(&spec, tmp.path());
+    let handles: Vec<_> = (0..5)
+        .map(|i| {
+            let url = k.url.clone();
+            std::thread::spawn(move || {
+                let r = Kilnd::agent()
+                    .post(&format!("{url}/v1/completions"))
+                    .send_json(json!({"prompt": format!("Story {i}:"), "max_tokens": 48, "temperature": 0.9}))
+                    .unwrap();
+                (r.status().as_u16(), r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned()))
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let ok = results.iter().filter(|r| r.0 == 200).count();
+    let full: Vec<_> = results.iter().filter(|r| r.0 == 429).collect();
+    assert!(ok >= 1 && !full.is_empty() && ok + full.len() == 5, "{results:?}");
+    assert!(full.iter().all(|r| r.1.as_deref() == Some("1")), "{results:?}");
+}
