@@ -352,6 +352,8 @@ fn prewarm(
             let _ = child.wait();
             return Ok(false);
         }
+        // A copy of gigabytes takes longer than WatchdogSec: kilnd is alive meanwhile.
+        let _ = notify::watchdog();
         std::thread::sleep(Duration::from_millis(100));
     }
 }
