@@ -9,3 +9,4 @@ pub mod image;
 pub mod models;
 pub mod plan;
 pub mod tools;
+pub mod vm;

@@ -62,6 +62,40 @@ enum Command {
         #[arg(long)]
         yes: bool,
     },
+    /// Boot a built VM image (generic-x86_64, generic-aarch64) in QEMU: kilnd's API and SSH
+    /// forwarded to host ports, printed once the guest's kilnd answers; runs until stopped.
+    Vm {
+        image: PathBuf,
+        #[arg(long, default_value_t = 8080)]
+        api_port: u16,
+        #[arg(long, default_value_t = 2222)]
+        ssh_port: u16,
+        /// The port kilnd listens on in the guest (the spec's supervisor.listen).
+        #[arg(long, default_value_t = 8080)]
+        guest_api_port: u16,
+        /// tcg (default) or kvm (opt-in: nested KVM hangs on some hosts).
+        #[arg(long, value_enum, default_value_t = AccelArg::Tcg)]
+        accel: AccelArg,
+        #[arg(long, default_value_t = 2048)]
+        memory_mib: u32,
+        #[arg(long, default_value_t = 2)]
+        cpus: u32,
+        /// Serial console log (default: IMAGE.serial.log).
+        #[arg(long)]
+        serial_log: Option<PathBuf>,
+        /// Keep the guest's writes in the image (default: discarded).
+        #[arg(long)]
+        persist: bool,
+        /// Seconds to wait for kilnd in the guest.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum AccelArg {
+    Tcg,
+    Kvm,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -144,6 +178,47 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 report.seconds
             );
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Vm {
+            image,
+            api_port,
+            ssh_port,
+            guest_api_port,
+            accel,
+            memory_mib,
+            cpus,
+            serial_log,
+            persist,
+            timeout,
+        } => {
+            let serial_log = serial_log.unwrap_or_else(|| {
+                let mut s = image.clone().into_os_string();
+                s.push(".serial.log");
+                PathBuf::from(s)
+            });
+            let opts = kiln_builder::vm::VmOptions {
+                image,
+                api_port,
+                ssh_port,
+                guest_api_port,
+                accel: match accel {
+                    AccelArg::Tcg => kiln_builder::vm::Accel::Tcg,
+                    AccelArg::Kvm => kiln_builder::vm::Accel::Kvm,
+                },
+                memory_mib,
+                cpus,
+                serial_log,
+                snapshot: !persist,
+                ready_timeout: std::time::Duration::from_secs(timeout),
+            };
+            eprintln!("booting {} (serial console: {})", opts.image.display(), opts.serial_log.display());
+            let mut vm = kiln_builder::vm::boot(&opts)?;
+            println!("api: {}", vm.api_url);
+            println!("ssh: {}", vm.ssh_url);
+            use std::io::Write as _;
+            let _ = std::io::stdout().flush();
+            let status = vm.child.wait().context("waiting for QEMU")?;
+            Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::Schema => {
             let text =
