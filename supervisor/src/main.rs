@@ -36,9 +36,14 @@ enum Command {
         models: Vec<String>,
     },
     /// Where each model is (store, hot tier), memory pressure and the next prewarm window.
+    /// With kilnd running, also its workers and caches (from its /status) and its last
+    /// journal events.
     Status {
         #[arg(long)]
         json: bool,
+        /// kilnd's address (default: the spec's supervisor.listen).
+        #[arg(long)]
+        url: Option<String>,
     },
     /// Serve the OpenAI-compatible API with one llama.cpp worker per loaded model; watch
     /// memory pressure, prewarm in the spec's windows, report to systemd and journald.
@@ -119,42 +124,77 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("prewarmed: {}", done.join(", "));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { json } => {
+        Command::Status { json, url } => {
             let loaded = load(&cli)?;
+            let live = live_status(&loaded.spec, url.as_deref());
             let engine = Engine::open(loaded.spec, cli.state_dir.as_deref())?;
             let status = engine.status(read_memory().ok());
             if *json {
-                println!("{}", serde_json::to_string_pretty(&status).context("serializing the status")?);
-            } else {
+                let v = match &live {
+                    Some(v) => v.clone(),
+                    None => serde_json::to_value(&status).context("serializing the status")?,
+                };
+                println!("{}", serde_json::to_string_pretty(&v).context("serializing the status")?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "{}: pressure {}, hot tier {} of {} MiB; kilnd {}",
+                status.name,
+                status.pressure,
+                status.hot_used_bytes >> 20,
+                status.hot_budget_bytes >> 20,
+                if live.is_some() { "serving" } else { "not answering" }
+            );
+            for m in &status.models {
+                let worker = live.as_ref().and_then(|v| {
+                    v["models"].as_array()?.iter().find(|x| x["id"] == m.id.as_str()).map(|x| x["worker"].clone())
+                });
+                let tier = match &worker {
+                    Some(w) if w["state"] == "loaded" => "loaded",
+                    _ if m.hot => "hot",
+                    _ if m.stored => "stored",
+                    _ => "missing",
+                };
+                let detail = worker
+                    .map(|w| {
+                        format!(
+                            "  worker {} ({} requests, {} restarts)",
+                            w["state"].as_str().unwrap_or("?"),
+                            w["requests"],
+                            w["restarts"]
+                        )
+                    })
+                    .unwrap_or_default();
                 println!(
-                    "{}: pressure {}, hot tier {} of {} MiB",
-                    status.name,
-                    status.pressure,
-                    status.hot_used_bytes >> 20,
-                    status.hot_budget_bytes >> 20
+                    "  {:<24} {:<8} {:>6} MiB {}{}{detail}",
+                    m.id,
+                    tier,
+                    m.bytes >> 20,
+                    &m.sha256[..12],
+                    if m.pinned { " pinned" } else { "" }
                 );
-                for m in &status.models {
-                    let tier = if m.hot {
-                        "hot"
-                    } else if m.stored {
-                        "stored"
-                    } else {
-                        "missing"
-                    };
-                    println!(
-                        "  {:<24} {:<8} {:>6} MiB {}{}",
-                        m.id,
-                        tier,
-                        m.bytes >> 20,
-                        &m.sha256[..12],
-                        if m.pinned { " pinned" } else { "" }
-                    );
+            }
+            if let Some(v) = &live {
+                let c = &v["response_cache"];
+                println!(
+                    "response cache: {} hits, {} misses, {} KiB in memory, {} KiB on disk",
+                    c["hits"],
+                    c["misses"],
+                    c["memory_bytes"].as_u64().unwrap_or(0) >> 10,
+                    c["disk_bytes"].as_u64().unwrap_or(0) >> 10
+                );
+            }
+            let window = if status.prewarm_window_open { "open" } else { "closed" };
+            println!(
+                "prewarm window {window}; next change {}",
+                status.prewarm_next_change.as_deref().unwrap_or("never")
+            );
+            let events = last_events(10);
+            if !events.is_empty() {
+                println!("last events (journalctl SYSLOG_IDENTIFIER=kilnd):");
+                for e in events {
+                    println!("  {e}");
                 }
-                let window = if status.prewarm_window_open { "open" } else { "closed" };
-                println!(
-                    "prewarm window {window}; next change {}",
-                    status.prewarm_next_change.as_deref().unwrap_or("never")
-                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -175,4 +215,45 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// kilnd's own /status, when it answers (with the spec's token when it is readable).
+fn live_status(spec: &kiln_spec::Spec, url: Option<&str>) -> Option<serde_json::Value> {
+    let base = match url {
+        Some(u) => u.trim_end_matches('/').to_owned(),
+        None => {
+            let mut addr = spec.supervisor.listen;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            format!("http://{addr}")
+        }
+    };
+    let agent: ureq::Agent =
+        ureq::Agent::config_builder().timeout_global(Some(std::time::Duration::from_secs(3))).build().into();
+    let mut req = agent.get(&format!("{base}/status"));
+    if let Some(token) = spec.supervisor.api_token_file.as_ref().and_then(|f| std::fs::read_to_string(f).ok()) {
+        req = req.header("authorization", &format!("Bearer {}", token.trim()));
+    }
+    let mut resp = req.call().ok()?;
+    serde_json::from_str(&resp.body_mut().read_to_string().ok()?).ok()
+}
+
+/// The last `n` journal entries of kilnd, as "time message" lines.
+fn last_events(n: u32) -> Vec<String> {
+    let Ok(out) = std::process::Command::new("journalctl")
+        .args(["--no-pager", "-o", "json", "-n", &n.to_string(), "SYSLOG_IDENTIFIER=kilnd"])
+        .output()
+    else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|e| {
+            let us: i64 = e["__REALTIME_TIMESTAMP"].as_str().and_then(|t| t.parse().ok()).unwrap_or(0);
+            let when = jiff::Timestamp::from_microsecond(us).map(|t| t.strftime("%Y-%m-%d %H:%M:%S").to_string());
+            format!("{} {}", when.unwrap_or_default(), e["MESSAGE"].as_str().unwrap_or(""))
+        })
+        .collect()
 }

@@ -273,7 +273,27 @@ fn chat_is_answered_cached_streamed_and_measured() {
     assert!(m["worker"]["info"]["rss_file_bytes"].as_u64().unwrap() > 0);
     assert_eq!(st["response_cache"]["hits"], 2);
 
+    // `kilnd status` joins the running kilnd's view and its journal.
+    let out = Command::new(env!("CARGO_BIN_EXE_kilnd"))
+        .arg("--spec")
+        .arg(&spec)
+        .arg("--state-dir")
+        .arg(tmp.path())
+        .args(["status", "--url", &k.url])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("kilnd serving"), "{text}");
+    assert!(
+        text.contains("smollm2-135m")
+            && text.contains("loaded")
+            && text.contains("worker loaded (3 requests, 0 restarts)"),
+        "{text}"
+    );
+    assert!(text.contains("response cache: 2 hits"), "{text}");
     if journal {
+        assert!(text.contains("last events (journalctl SYSLOG_IDENTIFIER=kilnd):"), "{text}");
         let loaded = common::journal(kiln_supervisor::log::message_id::MODEL_LOADED, "smollm2-135m", &since);
         let e = loaded.last().expect("no MODEL_LOADED entry in the journal");
         assert_eq!(e["SYSLOG_IDENTIFIER"], "kilnd");
