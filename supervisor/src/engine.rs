@@ -81,6 +81,10 @@ pub struct Engine {
     tz: TimeZone,
     pressure: PressureTracker,
     level: Level,
+    /// Requests per model and hour of day (decayed), for the prewarm order; kept in
+    /// `state/demand.json` across restarts.
+    demand: policy::Demand,
+    demand_dirty: bool,
 }
 
 impl Engine {
@@ -98,7 +102,32 @@ impl Engine {
         let tz = TimeZone::get(&spec.system.timezone)
             .with_context(|| format!("loading time zone {}", spec.system.timezone))?;
         let pressure = PressureTracker::new(Thresholds::from_spec(&spec.cache));
-        Ok(Engine { spec, paths, store, hot, tz, pressure, level: Level::Normal })
+        let demand = load_demand(&paths.state.join("demand.json"));
+        Ok(Engine { spec, paths, store, hot, tz, pressure, level: Level::Normal, demand, demand_dirty: false })
+    }
+
+    /// Counts a request for `model` now (its hour of day orders the prewarm).
+    pub fn record_request(&mut self, model: &str) {
+        self.demand.record(model, jiff::Timestamp::now(), &self.tz);
+        self.demand_dirty = true;
+    }
+
+    pub fn demand(&self) -> &policy::Demand {
+        &self.demand
+    }
+
+    /// Writes the demand record when it changed (temporary file, then rename).
+    pub fn save_demand(&mut self) -> Result<()> {
+        if !self.demand_dirty {
+            return Ok(());
+        }
+        let path = self.paths.state.join("demand.json");
+        let tmp = path.with_extension("json.tmp");
+        let text = serde_json::to_vec(&self.demand).context("serializing demand")?;
+        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("renaming {}", tmp.display()))?;
+        self.demand_dirty = false;
+        Ok(())
     }
 
     /// The memory pressure level of the last reading.
@@ -209,7 +238,7 @@ impl Engine {
         let budget = self.hot.as_ref().map_or(u64::MAX, |h| h.budget_bytes());
         let used = self.hot.as_ref().map_or(0, |h| h.used_bytes());
         let hour = jiff::Timestamp::now().to_zoned(self.tz.clone()).hour() as u8;
-        policy::prewarm_order(&views, &self.spec.cache.prewarm.models, &policy::Demand::new(7.0), hour, budget, used)
+        policy::prewarm_order(&views, &self.spec.cache.prewarm.models, &self.demand, hour, budget, used)
     }
 
     /// Reads memory pressure and acts: demotes idle, unpinned hot copies under Evict and
@@ -280,4 +309,15 @@ pub fn read_memory() -> Result<policy::MemReading> {
         reading.psi_some_avg10 = Some(p.some.avg10);
     }
     Ok(reading)
+}
+
+/// The saved demand record; a missing or unreadable one starts afresh (said in the log).
+fn load_demand(path: &Path) -> policy::Demand {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            tracing::warn!("ignoring {}: {e}; demand starts afresh", path.display());
+            policy::Demand::default()
+        }),
+        Err(_) => policy::Demand::default(),
+    }
 }

@@ -235,6 +235,9 @@ fn supervise(args: &RunArgs, engine: &Arc<Mutex<Engine>>, placement: &Placement,
                 }),
                 Err(_) => e.level(),
             };
+            if let Err(err) = e.save_demand() {
+                tracing::warn!("saving demand: {err:#}");
+            }
             (level, e.status(reading.ok()))
         };
         state

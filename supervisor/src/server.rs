@@ -451,6 +451,9 @@ async fn generate(st: &Arc<AppState>, prep: Prepared, input: Input, kind: Kind) 
     let t0 = Instant::now();
     let id = completion_id();
     let model_id = prep.model.id.clone();
+    if let Ok(mut e) = st.engine.lock() {
+        e.record_request(&model_id);
+    }
     // A hit: no worker involved, replayed as the client asked.
     if let Some(key) = &prep.key {
         let hit = st.cache.get(key);

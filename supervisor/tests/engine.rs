@@ -145,3 +145,24 @@ fn live_memory_readings_parse() {
     let r = kiln_supervisor::engine::read_memory().unwrap();
     assert!(r.total_bytes > 0 && r.available_bytes <= r.total_bytes);
 }
+
+#[test]
+fn demand_is_recorded_saved_and_read_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec_path = device(tmp.path());
+    let open = || {
+        let loaded = kiln_spec::load_file(&spec_path, kiln_spec::Context::Device).unwrap();
+        kiln_supervisor::engine::Engine::open(loaded.spec, Some(tmp.path())).unwrap()
+    };
+    let mut engine = open();
+    assert_eq!(engine.demand().total("tiny"), 0.0);
+    for _ in 0..3 {
+        engine.record_request("tiny");
+    }
+    engine.save_demand().unwrap();
+    let again = open();
+    assert!((again.demand().total("tiny") - 3.0).abs() < 0.01, "{}", again.demand().total("tiny"));
+    // A damaged file starts afresh instead of failing kilnd.
+    std::fs::write(tmp.path().join("var/lib/kiln/demand.json"), "{not json").unwrap();
+    assert_eq!(open().demand().total("tiny"), 0.0);
+}
