@@ -240,6 +240,22 @@ fn supervise(args: &RunArgs, engine: &Arc<Mutex<Engine>>, placement: &Placement,
             }
             (level, e.status(reading.ok()))
         };
+        // Under pressure, idle loaded models go first (the weights stay in the hot tier or the
+        // page cache; KV and compute buffers are freed): unpinned ones from Evict, every idle
+        // one at Emergency. Busy workers are never touched.
+        if level >= Level::Evict {
+            let pinned: std::collections::HashSet<&str> =
+                state.spec.models.iter().filter(|m| m.pin).map(|m| m.id.as_str()).collect();
+            for w in state.workers.values() {
+                let (loaded, busy) = {
+                    let rt = w.lock();
+                    (rt.state == "loaded", rt.busy || rt.queued > 0)
+                };
+                if loaded && !busy && (level == Level::Emergency || !pinned.contains(w.id.as_str())) {
+                    w.unload(&format!("memory pressure {level:?}"));
+                }
+            }
+        }
         state
             .metrics
             .tier_bytes

@@ -69,7 +69,12 @@ impl Kilnd {
     }
 
     fn try_start(spec: &Path, state: &Path, listen: &str) -> Result<Kilnd, String> {
+        Self::try_start_with(spec, state, listen, &[])
+    }
+
+    fn try_start_with(spec: &Path, state: &Path, listen: &str, env: &[(&str, &Path)]) -> Result<Kilnd, String> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_kilnd"))
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
             .arg("--spec")
             .arg(spec)
             .arg("--state-dir")
@@ -528,4 +533,65 @@ fn a_full_queue_answers_429_with_retry_after() {
     let full: Vec<_> = results.iter().filter(|r| r.0 == 429).collect();
     assert!(ok >= 1 && !full.is_empty() && ok + full.len() == 5, "{results:?}");
     assert!(full.iter().all(|r| r.1.as_deref() == Some("1")), "{results:?}");
+}
+
+fn meminfo(path: &Path, total_kib: u64, available_kib: u64) {
+    let text = format!("MemTotal: {total_kib} kB\nMemFree: {available_kib} kB\nMemAvailable: {available_kib} kB\n");
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[test]
+fn memory_pressure_unloads_idle_workers_and_an_emergency_refuses_loads() {
+    let journal = common::journald("memory_pressure_unloads_idle_workers_and_an_emergency_refuses_loads");
+    let since = common::since();
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = device(tmp.path(), "");
+    let text = std::fs::read_to_string(&spec).unwrap().replace("pin: true", "pin: false");
+    std::fs::write(&spec, text).unwrap();
+    let mem = tmp.path().join("meminfo");
+    let gib_kib = 1 << 20;
+    meminfo(&mem, 4 * gib_kib, 3 * gib_kib);
+    let k = Kilnd::try_start_with(&spec, tmp.path(), "127.0.0.1:0", &[("KILND_MEMINFO", &mem)]).unwrap();
+    let ask = || k.post("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 2}));
+    assert_eq!(ask().0, 200);
+    assert_eq!(k.worker()["state"], "loaded");
+    let wait_for = |what: &str, f: &dyn Fn(&Value) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let st = k.status();
+            if f(&st) {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "{what}: {st}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    // 80% used: past the evict threshold (70%). The idle, unpinned worker goes.
+    meminfo(&mem, 4 * gib_kib, 4 * gib_kib / 5);
+    let st = wait_for("the idle worker was not unloaded", &|s| s["models"][0]["worker"]["state"] == "unloaded");
+    assert_eq!(st["memory"]["pressure"], "Evict");
+    assert_eq!(st["models"][0]["worker"]["unloads"], 1);
+    // Loading is still allowed under Evict ...
+    assert_eq!(ask().0, 200);
+    // ... but not at the emergency threshold (95%): 503 with Retry-After, nothing loaded.
+    meminfo(&mem, 4 * gib_kib, gib_kib / 50);
+    wait_for("no emergency", &|s| {
+        s["memory"]["pressure"] == "Emergency" && s["models"][0]["worker"]["state"] == "unloaded"
+    });
+    let mut r = Kilnd::agent()
+        .post(&format!("{}/v1/completions", k.url))
+        .send_json(json!({"prompt": "Hi again", "max_tokens": 2}))
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    assert!(r.headers().get("retry-after").is_some());
+    let body = r.body_mut().read_to_string().unwrap();
+    assert!(body.contains("emergency threshold"), "{body}");
+    if journal {
+        let e = common::journal(kiln_supervisor::log::message_id::EVICTION, "smollm2-135m", &since);
+        assert!(e.iter().any(|e| e["TIER"] == "loaded"), "no EVICTION entry for the loaded tier");
+        let refused = common::journal(kiln_supervisor::log::message_id::LOAD_REFUSED, "smollm2-135m", &since);
+        assert!(!refused.is_empty(), "no LOAD_REFUSED entry");
+    }
 }

@@ -115,6 +115,7 @@ impl std::fmt::Debug for WorkerConfig {
 pub struct ModelWorker {
     pub id: String,
     tx: mpsc::Sender<Job>,
+    control: mpsc::UnboundedSender<String>,
     pub runtime: Arc<Mutex<Runtime>>,
 }
 
@@ -122,10 +123,17 @@ impl ModelWorker {
     /// Starts the model's task (no process yet: the first job loads it).
     pub fn spawn(cfg: WorkerConfig, queue_depth: usize) -> ModelWorker {
         let (tx, rx) = mpsc::channel(queue_depth.max(1));
+        let (control, control_rx) = mpsc::unbounded_channel();
         let runtime = Arc::new(Mutex::new(Runtime { state: "unloaded", ..Default::default() }));
         let id = cfg.model_id.clone();
-        tokio::spawn(Task { cfg, rt: runtime.clone(), proc: None, backoff: Duration::ZERO, next_id: 1 }.run(rx));
-        ModelWorker { id, tx, runtime }
+        let task = Task { cfg, rt: runtime.clone(), proc: None, backoff: Duration::ZERO, next_id: 1 };
+        tokio::spawn(task.run(rx, control_rx));
+        ModelWorker { id, tx, control, runtime }
+    }
+
+    /// Asks the task to unload its worker (memory pressure); it does so between requests.
+    pub fn unload(&self, reason: &str) {
+        let _ = self.control.send(reason.to_owned());
     }
 
     /// Queues a job; `Err` is the 429 to send when the queue is full.
@@ -173,18 +181,22 @@ impl Task {
         self.rt.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Job>, mut control: mpsc::UnboundedReceiver<String>) {
         loop {
-            let job = if self.proc.is_some() {
-                match tokio::time::timeout(self.cfg.keep_alive, rx.recv()).await {
-                    Ok(j) => j,
-                    Err(_) => {
-                        self.unload("keep-alive expired").await;
-                        continue;
-                    }
+            let keep_alive = tokio::time::sleep(self.cfg.keep_alive);
+            let job = tokio::select! {
+                j = rx.recv() => j,
+                () = keep_alive, if self.proc.is_some() => {
+                    self.unload("keep-alive expired").await;
+                    continue;
                 }
-            } else {
-                rx.recv().await
+                Some(reason) = control.recv() => {
+                    if self.proc.is_some() {
+                        tracing::warn!(message_id = message_id::EVICTION, model = %self.cfg.model_id, tier = "loaded", reason = %reason, "unloading {} ({reason})", self.cfg.model_id);
+                        self.unload(&reason).await;
+                    }
+                    continue;
+                }
             };
             let Some(job) = job else { break };
             {
