@@ -123,6 +123,21 @@ pub fn build(opts: &Options, ui: &dyn Ui) -> Result<Report> {
     Ok(report)
 }
 
+/// Refuses a kilnd whose shared libraries the root lacks: it would fail at boot with
+/// "error while loading shared libraries" instead.
+fn check_libraries(kilnd: &Path, root: &Path, arch: Arch) -> Result<()> {
+    let needed = elf::needed_libraries(kilnd)?;
+    let dirs = elf::library_dirs(arch);
+    let listing = ext4::list_dirs(root, &dirs).context("listing the root's library directories")?;
+    let present: std::collections::HashSet<&str> =
+        listing.values().flatten().flat_map(|entries| entries.iter().map(|e| e.name.as_str())).collect();
+    let missing: Vec<String> = needed.into_iter().filter(|lib| !present.contains(lib.as_str())).collect();
+    if !missing.is_empty() {
+        return Err(elf::ElfError::MissingLibraries { path: kilnd.display().to_string(), missing, dirs }.into());
+    }
+    Ok(())
+}
+
 fn default_kilnd() -> PathBuf {
     std::env::current_exe()
         .ok()
@@ -160,6 +175,7 @@ fn build_in(
     t.start("copy and grow the root filesystem");
     let root = work.join("root.ext4");
     sparse_copy(&prepared.root_ext4(), &root)?;
+    check_libraries(kilnd, &root, spec.hardware.profile.arch)?;
     let (block, blocks) = ext4::geometry(&root)?;
     let kilnd_bytes = std::fs::metadata(kilnd).with_context(|| format!("reading {}", kilnd.display()))?.len();
     let payload: u64 = model_files.iter().map(|m| m.2).sum::<u64>() + kilnd_bytes;

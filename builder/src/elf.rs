@@ -23,6 +23,31 @@ pub enum ElfError {
         "{path} is built for {found}, but the board runs {wanted}: build kilnd for {wanted} (e.g. `cargo build --release --target {target} -p kiln-supervisor`) and pass it with --kilnd"
     )]
     WrongArch { path: String, found: String, wanted: &'static str, target: &'static str },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error(
+        "{path} needs {}, which the image's root does not have (looked in {}): add the package that provides {} to the base (base.debian.packages) or build kilnd without {}",
+        missing.join(", "), dirs.join(", "), if missing.len() == 1 { "it" } else { "them" }, if missing.len() == 1 { "it" } else { "them" }
+    )]
+    MissingLibraries { path: String, missing: Vec<String>, dirs: Vec<String> },
+}
+
+/// The shared libraries an executable names (DT_NEEDED).
+pub fn needed_libraries(path: &Path) -> Result<Vec<String>, ElfError> {
+    let shown = path.display().to_string();
+    // Read, not mapped (mapping is unsafe code): kilnd is well under a GiB.
+    let bytes = std::fs::read(path).map_err(|source| ElfError::Io { path: shown.clone(), source })?;
+    let elf = goblin::elf::Elf::parse(&bytes).map_err(|e| ElfError::Parse { path: shown, message: e.to_string() })?;
+    Ok(elf.libraries.iter().map(|s| (*s).to_owned()).collect())
+}
+
+/// Where the dynamic loader finds libraries in a Debian or Raspberry Pi OS root.
+pub fn library_dirs(arch: Arch) -> Vec<String> {
+    let triple = match arch {
+        Arch::Amd64 => "x86_64-linux-gnu",
+        Arch::Arm64 => "aarch64-linux-gnu",
+    };
+    vec![format!("/lib/{triple}"), format!("/usr/lib/{triple}"), "/lib".into(), "/usr/lib".into(), "/lib64".into()]
 }
 
 fn name(machine: u16) -> String {

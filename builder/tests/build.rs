@@ -226,6 +226,32 @@ fn a_kilnd_for_the_wrong_architecture_is_refused() {
 }
 
 #[test]
+fn a_kilnd_needing_a_library_the_root_lacks_is_refused() {
+    let test = "a_kilnd_needing_a_library_the_root_lacks_is_refused";
+    let Some(fixture) = rpi_fixture(test) else { return };
+    if !available(test, "aarch64-linux-gnu-gcc", have("aarch64-linux-gnu-gcc")) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // An aarch64 executable that needs libkilnfake.so.1, which no Debian root has.
+    let dir = tmp.path();
+    std::fs::write(dir.join("lib.c"), "int kiln_fake(void) { return 0; }\n").unwrap();
+    std::fs::write(dir.join("main.c"), "int kiln_fake(void);\nint main(void) { return kiln_fake(); }\n").unwrap();
+    let gcc = |args: &[&str]| {
+        let out = std::process::Command::new("aarch64-linux-gnu-gcc").args(args).current_dir(dir).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    gcc(&["-shared", "-fPIC", "-Wl,-soname,libkilnfake.so.1", "-o", "libkilnfake.so.1", "lib.c"]);
+    gcc(&["-o", "kilnd", "main.c", "-L.", "-l:libkilnfake.so.1"]);
+    let spec = pi_spec(dir, &fixture, 10);
+    let err = build(&options(&spec, &dir.join("out"), &dir.join("kilnd")), &Quiet).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("needs libkilnfake.so.1, which the image's root does not have"), "{msg}");
+    assert!(msg.contains("/lib/aarch64-linux-gnu"), "{msg}");
+    assert!(!dir.join("out/fixture-pi.img").exists());
+}
+
+#[test]
 fn the_image_flashes_byte_for_byte_with_kiln_and_bmaptool() {
     let test = "the_image_flashes_byte_for_byte_with_kiln_and_bmaptool";
     let (Some(fixture), Some(kilnd)) = (rpi_fixture(test), kilnd_aarch64(test)) else { return };

@@ -63,4 +63,68 @@ fn debian_base_build_of_the_vm_demo() {
     let again = build(&options(&spec, &tmp.path().join("again"), &kilnd_host()), &Quiet).unwrap();
     assert!(again.base_from_cache);
     assert_eq!(again.sha256, r.sha256);
+
+    boot_and_serve(test, img, &tmp.path().join("serial.log"));
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Boots the built image (QEMU, TCG) and talks to the guest's kilnd through the forwarded
+/// port: it must report its cgroup, hot tier and model, and answer a chat completion.
+fn boot_and_serve(test: &str, img: &std::path::Path, serial: &std::path::Path) {
+    if !available(
+        test,
+        "qemu-system-x86_64 and OVMF",
+        have("qemu-system-x86_64") && std::path::Path::new("/usr/share/OVMF").is_dir(),
+    ) {
+        return;
+    }
+    let opts = kiln_builder::vm::VmOptions {
+        image: img.to_path_buf(),
+        api_port: free_port(),
+        ssh_port: free_port(),
+        guest_api_port: 8080,
+        accel: kiln_builder::vm::Accel::Tcg,
+        memory_mib: 2048,
+        cpus: 2,
+        serial_log: serial.to_path_buf(),
+        snapshot: true,
+        ready_timeout: std::time::Duration::from_secs(600),
+    };
+    let vm = kiln_builder::vm::boot(&opts).unwrap_or_else(|e| panic!("{e:#}"));
+    let token = std::fs::read_to_string(repo().join("examples/secrets/demo-api-token")).unwrap();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(std::time::Duration::from_secs(600)))
+        .build()
+        .into();
+    let auth = format!("Bearer {}", token.trim());
+    let mut r = agent.get(&format!("{}/status", vm.api_url)).header("authorization", &auth).call().unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let status: serde_json::Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+    // cgroup v2 in the guest, the inference cgroup with the spec's 1 GiB memory.max.
+    assert_eq!(status["cgroups"]["version"], "v2", "{status}");
+    assert_eq!(status["cgroups"]["inference"]["memory_max_bytes"], 1u64 << 30, "{status}");
+    assert_eq!(status["hot_tier"]["budget_bytes"], 256u64 << 20, "{status}");
+    assert_eq!(status["models"][0]["id"], "smollm2-135m");
+    let body = serde_json::json!({
+        "model": "smollm2-135m", "temperature": 0, "max_tokens": 8,
+        "messages": [{"role": "user", "content": "Say hello."}],
+    });
+    let mut r = agent
+        .post(&format!("{}/v1/chat/completions", vm.api_url))
+        .header("authorization", &auth)
+        .send_json(&body)
+        .unwrap();
+    let text = r.body_mut().read_to_string().unwrap();
+    assert_eq!(r.status().as_u16(), 200, "{text}\nserial console: {}", serial.display());
+    let answer: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert!(!answer["choices"][0]["message"]["content"].as_str().unwrap().trim().is_empty(), "{answer}");
+    let mut r = agent.get(&format!("{}/status", vm.api_url)).header("authorization", &auth).call().unwrap();
+    let status: serde_json::Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+    // The spec prewarms at boot: the model was served from the tmpfs hot tier.
+    assert_eq!(status["models"][0]["worker"]["loaded_from"], "hot", "{status}");
+    drop(vm);
 }
