@@ -2,6 +2,8 @@
 //! same rootless assembly; the image has an EFI system partition with systemd-boot, a kernel
 //! and initrd, and a root with systemd, kilnd, the model and everything the spec renders.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::*;
