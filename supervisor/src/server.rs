@@ -504,7 +504,7 @@ async fn generate(st: &Arc<AppState>, prep: Prepared, input: Input, kind: Kind) 
         }
         Some(Reply::Failed(f)) => return ApiError::from_failure(f).into_response(),
         Some(other) => Some(other),
-        None => return ApiError::new(503, format!("the worker for {model_id} went away; retry")).into_response(),
+        None => return worker_gone(&model_id).into_response(),
     };
     let record = Recorder {
         st: st.clone(),
@@ -521,14 +521,8 @@ async fn generate(st: &Arc<AppState>, prep: Prepared, input: Input, kind: Kind) 
     let mut record = record;
     let mut next = first;
     loop {
-        let reply = match next.take() {
-            Some(r) => r,
-            None => match rx.recv().await {
-                Some(r) => r,
-                None => {
-                    return ApiError::new(503, format!("the worker for {model_id} went away; retry")).into_response();
-                }
-            },
+        let Some(reply) = next_reply(&mut next, &mut rx).await else {
+            return worker_gone(&model_id).into_response();
         };
         match reply {
             Reply::Token(t) => record.token(t),
@@ -551,6 +545,19 @@ async fn generate(st: &Arc<AppState>, prep: Prepared, input: Input, kind: Kind) 
             Reply::Started { .. } => {}
         }
     }
+}
+
+/// The reply held back while the response was chosen, else the next one from the worker's
+/// task; None when the task dropped the job.
+async fn next_reply(held: &mut Option<Reply>, rx: &mut mpsc::UnboundedReceiver<Reply>) -> Option<Reply> {
+    match held.take() {
+        Some(r) => Some(r),
+        None => rx.recv().await,
+    }
+}
+
+fn worker_gone(model: &str) -> ApiError {
+    ApiError::new(503, format!("the worker for {model} went away; retry"))
 }
 
 /// Counts a request as in flight while it lives.
@@ -635,16 +642,9 @@ fn stream_events(
         let mut sent_first = false;
         let mut next = first;
         loop {
-            let reply = match next.take() {
-                Some(r) => r,
-                None => match rx.recv().await {
-                    Some(r) => r,
-                    None => {
-                        let e = ApiError::new(503, format!("the worker for {model} went away; retry"));
-                        let _ = tx.send(SseEvent::default().data(e.body().to_string()));
-                        return;
-                    }
-                },
+            let Some(reply) = next_reply(&mut next, &mut rx).await else {
+                let _ = tx.send(SseEvent::default().data(worker_gone(&model).body().to_string()));
+                return;
             };
             match reply {
                 Reply::Token(t) => {
