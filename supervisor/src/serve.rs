@@ -19,10 +19,10 @@ use crate::engine::{Engine, read_memory};
 use crate::log::{self, message_id};
 use crate::metrics::{Metrics, TierLabel};
 use crate::notify;
-use crate::policy::{Footprint, Level, admit};
+use crate::policy::{Footprint, GdsState, Level, ModelView, Refusal, admit, make_room};
 use crate::respcache::ResponseCache;
 use crate::server::{AppState, router};
-use crate::worker::host::{Failure, ModelWorker, Runtime, WorkerConfig};
+use crate::worker::host::{Admission, Failure, ModelWorker, WorkerConfig};
 
 #[derive(Debug, Clone)]
 pub struct RunArgs {
@@ -43,8 +43,59 @@ fn read_token(path: Option<&Path>) -> Result<Option<String>> {
     Ok(Some(t))
 }
 
-/// A model's id, footprint and runtime, for admission control.
-type Loadable = (String, u64, Arc<Mutex<Runtime>>);
+/// Every model with its worker, for admission control.
+type Loadable = (kiln_spec::model::Model, ModelWorker);
+
+/// Whether `id` may load: within the inference cgroup's memory.max with the models loaded
+/// now, or after unloading idle unpinned ones (chosen by the spec's eviction policy), and not
+/// at the emergency threshold.
+fn admission(
+    id: &str,
+    all: &[Loadable],
+    memory_max: Option<u64>,
+    level: Level,
+    policy: kiln_spec::raw::EvictionPolicy,
+) -> Admission {
+    let Some((model, _)) = all.iter().find(|(m, _)| m.id == id) else {
+        return Admission::Refused(Failure { status: 500, message: format!("no model {id}"), retry_after_secs: None });
+    };
+    let views: Vec<ModelView> = all
+        .iter()
+        .map(|(m, w)| {
+            let rt = w.lock();
+            ModelView {
+                loaded: rt.state == "loaded",
+                in_use: u32::from(rt.busy) + u32::try_from(rt.queued).unwrap_or(u32::MAX),
+                last_used: rt.last_used.and_then(|s| jiff::Timestamp::from_second(i64::try_from(s).ok()?).ok()),
+                ..ModelView::from_spec(m)
+            }
+        })
+        .collect();
+    let loaded: u64 = views.iter().filter(|v| v.loaded && v.id != id).map(|v| v.footprint_bytes).sum();
+    let refusal = match admit(id, Footprint::of(model), memory_max, loaded, level) {
+        Ok(()) => return Admission::Go,
+        Err(r) => r,
+    };
+    if let Refusal::NoRoom { .. } = refusal
+        && let Some(plan) =
+            make_room(&views, id, Footprint::of(model).total_bytes(), memory_max, loaded, policy, &GdsState::default())
+        && !plan.decisions.is_empty()
+    {
+        let mut leaving = Vec::new();
+        for d in &plan.decisions {
+            if let Some((_, w)) = all.iter().find(|(m, _)| m.id == d.id) {
+                w.unload(&format!("making room for {id}"));
+                leaving.push(w.runtime.clone());
+            }
+        }
+        return Admission::MakingRoom(leaving);
+    }
+    Admission::Refused(Failure {
+        status: 503,
+        retry_after_secs: refusal.retry_after_secs(),
+        message: refusal.to_string(),
+    })
+}
 
 pub fn run(args: &RunArgs) -> Result<ExitCode> {
     let loaded = load_file(&args.spec, Context::Device).map_err(|d| anyhow::anyhow!("{d}"))?;
@@ -99,23 +150,10 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
         let admit_fn = {
             let runtimes = runtimes.clone();
             let engine = engine.clone();
-            let model = m.clone();
-            Arc::new(move |id: &str| -> Result<(), Failure> {
+            let policy = spec.cache.eviction;
+            Arc::new(move |id: &str| -> Admission {
                 let level = engine.lock().map_or(Level::Normal, |e| e.level());
-                let loaded: u64 = runtimes
-                    .get()
-                    .map(|v| {
-                        v.iter()
-                            .filter(|(other, _, rt)| other != id && rt.lock().is_ok_and(|r| r.state == "loaded"))
-                            .map(|(_, f, _)| *f)
-                            .sum()
-                    })
-                    .unwrap_or(0);
-                admit(id, Footprint::of(&model), memory_max, loaded, level).map_err(|r| Failure {
-                    status: 503,
-                    retry_after_secs: r.retry_after_secs(),
-                    message: r.to_string(),
-                })
+                admission(id, runtimes.get().map_or(&[][..], Vec::as_slice), memory_max, level, policy)
             })
         };
         let cfg = WorkerConfig {
@@ -137,12 +175,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
         workers.insert(m.id.clone(), ModelWorker::spawn(cfg, spec.supervisor.queue_depth as usize));
     }
     let _ = runtimes.set(
-        spec.models
-            .iter()
-            .filter_map(|m| {
-                workers.get(&m.id).map(|w: &ModelWorker| (m.id.clone(), m.footprint_bytes(), w.runtime.clone()))
-            })
-            .collect(),
+        spec.models.iter().filter_map(|m| workers.get(&m.id).map(|w: &ModelWorker| (m.clone(), w.clone()))).collect(),
     );
     let cache = ResponseCache::open(
         Some(&paths.responses),

@@ -81,6 +81,7 @@ impl Kilnd {
             .arg(state)
             .args(["run", "--listen", listen])
             .env("KILND_CGROUP_PARENT", "kiln-test-serve")
+            .envs(env.iter().filter(|(k, _)| *k == "KILND_CGROUP_PARENT").map(|(k, v)| (*k, *v)))
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
@@ -593,5 +594,44 @@ fn memory_pressure_unloads_idle_workers_and_an_emergency_refuses_loads() {
         assert!(e.iter().any(|e| e["TIER"] == "loaded"), "no EVICTION entry for the loaded tier");
         let refused = common::journal(kiln_supervisor::log::message_id::LOAD_REFUSED, "smollm2-135m", &since);
         assert!(!refused.is_empty(), "no LOAD_REFUSED entry");
+    }
+}
+
+#[test]
+fn loading_a_model_unloads_an_idle_one_when_the_inference_cgroup_is_full() {
+    let journal = common::journald("loading_a_model_unloads_an_idle_one_when_the_inference_cgroup_is_full");
+    let since = common::since();
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = device(tmp.path(), "");
+    // Two models (the same weights under two names) and room for one: weights 94 MiB +
+    // compute 64 MiB each, inference memory.max 200 MiB.
+    let one =
+        format!("{{ id: smollm2-135m, sha256: {SMOL_SHA}, size: 98362432, context: 2048, threads: 2, pin: true }}");
+    let text = std::fs::read_to_string(&spec).unwrap().replace(
+        &format!("  - {one}\n"),
+        &format!(
+            "  - {}\n  - {}\ncgroups:\n  inference: {{ memory-max: 200MiB }}\n",
+            one.replace("smollm2-135m", "first").replace("pin: true", "pin: false"),
+            one.replace("smollm2-135m", "second").replace("pin: true", "pin: false")
+        ),
+    );
+    std::fs::write(&spec, text).unwrap();
+    // Its own cgroup parent: the 200 MiB limit must not reach the other tests' workers.
+    let parent = Path::new("kiln-test-serve-room");
+    let k = Kilnd::try_start_with(&spec, tmp.path(), "127.0.0.1:0", &[("KILND_CGROUP_PARENT", parent)]).unwrap();
+    let ask = |model: &str| k.post("/v1/completions", &json!({"model": model, "prompt": "Hi", "max_tokens": 2}));
+    let (s, body, _) = ask("first");
+    assert_eq!(s, 200, "{body}");
+    let (s, body, _) = ask("second");
+    assert_eq!(s, 200, "{body}");
+    let st = k.status();
+    let worker = |id: &str| st["models"].as_array().unwrap().iter().find(|m| m["id"] == id).unwrap()["worker"].clone();
+    assert_eq!(worker("first")["state"], "unloaded", "{st}");
+    assert_eq!(worker("first")["unloads"], 1);
+    assert_eq!(worker("second")["state"], "loaded", "{st}");
+    assert_eq!(st["cgroups"]["inference"]["memory_max_bytes"], 200u64 << 20);
+    if journal {
+        let e = common::journal(kiln_supervisor::log::message_id::EVICTION, "first", &since);
+        assert!(e.iter().any(|e| e["REASON"] == "making room for second"), "{e:?}");
     }
 }

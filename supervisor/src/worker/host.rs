@@ -81,8 +81,18 @@ pub struct Runtime {
     pub last_error: Option<String>,
 }
 
+/// Admission control's answer for a model that wants to load.
+#[derive(Debug)]
+pub enum Admission {
+    Go,
+    Refused(Failure),
+    /// Other idle models are being unloaded to make room: wait for these to be unloaded,
+    /// then ask again.
+    MakingRoom(Vec<Arc<Mutex<Runtime>>>),
+}
+
 /// Decides whether a model may load now (admission control), given by the server.
-pub type Admit = Arc<dyn Fn(&str) -> Result<(), Failure> + Send + Sync>;
+pub type Admit = Arc<dyn Fn(&str) -> Admission + Send + Sync>;
 
 /// Everything a model's task needs to start its worker.
 #[derive(Clone)]
@@ -231,10 +241,30 @@ impl Task {
             if !self.backoff.is_zero() {
                 tokio::time::sleep(self.backoff).await;
             }
-            if let Err(f) = (self.cfg.admit)(&self.cfg.model_id) {
-                tracing::warn!(message_id = message_id::LOAD_REFUSED, model = %self.cfg.model_id, "{}", f.message);
-                let _ = job.reply.send(Reply::Failed(f));
-                return;
+            let mut rounds = 0;
+            loop {
+                match (self.cfg.admit)(&self.cfg.model_id) {
+                    Admission::Go => break,
+                    Admission::MakingRoom(leaving) if rounds < 3 => {
+                        rounds += 1;
+                        let deadline = Instant::now() + Duration::from_secs(10);
+                        while Instant::now() < deadline
+                            && leaving.iter().any(|rt| rt.lock().is_ok_and(|r| r.state == "loaded"))
+                        {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                    Admission::MakingRoom(_) => {
+                        let f = Failure::new(503, format!("no room to load {} yet; retry", self.cfg.model_id), Some(5));
+                        let _ = job.reply.send(Reply::Failed(f));
+                        return;
+                    }
+                    Admission::Refused(f) => {
+                        tracing::warn!(message_id = message_id::LOAD_REFUSED, model = %self.cfg.model_id, "{}", f.message);
+                        let _ = job.reply.send(Reply::Failed(f));
+                        return;
+                    }
+                }
             }
             match self.load().await {
                 Ok(p) => self.proc = Some(p),
