@@ -97,9 +97,7 @@ pub struct ResponseCache {
     ttl_secs: u64,
 }
 
-fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
+use crate::worker::host::now_secs as now;
 
 impl ResponseCache {
     /// Opens (or creates) the disk tier at `path`; `disk_cap` 0 keeps memory only.

@@ -30,9 +30,9 @@ use crate::engine::Engine;
 use crate::log::message_id;
 use crate::metrics::Metrics;
 use crate::respcache::{Cached, ResponseCache};
-use crate::worker::Sampling;
 use crate::worker::child::engine_version;
-use crate::worker::host::{Failure, Input, Job, ModelWorker, Reply};
+use crate::worker::host::{Failure, Input, Job, ModelWorker, Reply, now_secs};
+use crate::worker::{Finish, Sampling};
 
 /// Shared by every handler.
 #[derive(Debug)]
@@ -380,10 +380,6 @@ enum Kind {
     Text,
 }
 
-fn now_secs() -> u64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
 fn completion_id() -> String {
     let n = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     format!("cmpl-{n:x}")
@@ -391,6 +387,11 @@ fn completion_id() -> String {
 
 fn usage(prompt: u32, completion: u32) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+/// The final chunk of a stream asked for with `stream_options.include_usage`.
+fn usage_chunk(id: &str, model: &str, usage: Value) -> Value {
+    json!({"id": id, "object": "chat.completion.chunk", "model": model, "choices": [], "usage": usage})
 }
 
 fn full_body(kind: Kind, id: &str, model: &str, text: &str, finish: &str, usage_v: Value) -> Value {
@@ -468,7 +469,7 @@ async fn generate(st: &Arc<AppState>, prep: Prepared, input: Input, kind: Kind) 
                 }
                 events.push(chunk(kind, &id, &model_id, None, Some(&c.finish_reason), c.pieces.is_empty()));
                 if prep.include_usage {
-                    events.push(json!({"id": id, "object": "chat.completion.chunk", "model": model_id, "choices": [], "usage": u}));
+                    events.push(usage_chunk(&id, &model_id, u));
                 }
                 let stream = futures::stream::iter(sse(events));
                 return with_cache_header(Sse::new(stream).into_response(), true);
@@ -528,13 +529,7 @@ async fn generate(st: &Arc<AppState>, prep: Prepared, input: Input, kind: Kind) 
             Reply::Token(t) => record.token(t),
             Reply::Done { finish, prompt_tokens, completion_tokens, generation_ms, .. } => {
                 let reason = finish.as_openai();
-                record.done(
-                    reason,
-                    prompt_tokens,
-                    completion_tokens,
-                    generation_ms,
-                    finish != crate::worker::Finish::Cancelled,
-                );
+                record.done(finish, prompt_tokens, completion_tokens, generation_ms);
                 drop(guard);
                 let text = record.pieces.concat();
                 let body =
@@ -596,7 +591,9 @@ impl Recorder {
         self.pieces.push(t);
     }
 
-    fn done(&mut self, reason: &str, prompt_tokens: u32, completion_tokens: u32, generation_ms: f64, complete: bool) {
+    fn done(&mut self, finish: Finish, prompt_tokens: u32, completion_tokens: u32, generation_ms: f64) {
+        let reason = finish.as_openai();
+        let complete = finish != Finish::Cancelled;
         let tps = if generation_ms > 0.0 { f64::from(completion_tokens) / (generation_ms / 1e3) } else { 0.0 };
         if completion_tokens > 1 {
             self.st.metrics.tokens_per_second.get_or_create(&Metrics::model(&self.model)).observe(tps);
@@ -661,17 +658,11 @@ fn stream_events(
                         SseEvent::default().data(chunk(kind, &id, &model, None, Some(reason), !sent_first).to_string()),
                     );
                     if include_usage {
-                        let u = json!({"id": id, "object": "chat.completion.chunk", "model": model, "choices": [], "usage": usage(prompt_tokens, completion_tokens)});
+                        let u = usage_chunk(&id, &model, usage(prompt_tokens, completion_tokens));
                         let _ = tx.send(SseEvent::default().data(u.to_string()));
                     }
                     let _ = tx.send(SseEvent::default().data("[DONE]"));
-                    record.done(
-                        reason,
-                        prompt_tokens,
-                        completion_tokens,
-                        generation_ms,
-                        finish != crate::worker::Finish::Cancelled,
-                    );
+                    record.done(finish, prompt_tokens, completion_tokens, generation_ms);
                     return;
                 }
                 Reply::Failed(f) => {

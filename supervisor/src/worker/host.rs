@@ -182,7 +182,8 @@ struct Task {
     next_id: u64,
 }
 
-fn now_secs() -> u64 {
+/// Seconds since the epoch (0 before it).
+pub fn now_secs() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
