@@ -61,6 +61,7 @@ supervisor:
 struct Kilnd {
     child: Child,
     url: String,
+    parent: String,
 }
 
 impl Kilnd {
@@ -73,6 +74,9 @@ impl Kilnd {
     }
 
     fn try_start_with(spec: &Path, state: &Path, listen: &str, env: &[(&str, &Path)]) -> Result<Kilnd, String> {
+        static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let parent = format!("kiln-test-serve-{}-{n}", std::process::id());
         let mut child = Command::new(env!("CARGO_BIN_EXE_kilnd"))
             .envs(env.iter().map(|(k, v)| (*k, *v)))
             .arg("--spec")
@@ -80,8 +84,9 @@ impl Kilnd {
             .arg("--state-dir")
             .arg(state)
             .args(["run", "--listen", listen])
-            .env("KILND_CGROUP_PARENT", "kiln-test-serve")
-            .envs(env.iter().filter(|(k, _)| *k == "KILND_CGROUP_PARENT").map(|(k, v)| (*k, *v)))
+            // A cgroup parent per kilnd: one kilnd's clean-up must not remove the cgroups
+            // another one is about to place a worker in.
+            .env("KILND_CGROUP_PARENT", &parent)
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
@@ -104,7 +109,7 @@ impl Kilnd {
             });
         }
         match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(url) => Ok(Kilnd { child, url }),
+            Ok(url) => Ok(Kilnd { child, url, parent }),
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -149,14 +154,24 @@ impl Drop for Kilnd {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
+        while Instant::now() < deadline && !matches!(self.child.try_wait(), Ok(Some(_))) {
             std::thread::sleep(Duration::from_millis(50));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.remove_parent();
+    }
+}
+
+impl Kilnd {
+    /// Removes the (by now empty) cgroup parent kilnd's clean-up leaves in each hierarchy.
+    fn remove_parent(&self) {
+        if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
+            for e in rd.filter_map(Result::ok) {
+                let _ = std::fs::remove_dir(e.path().join(&self.parent));
+            }
+        }
+        let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(&self.parent));
     }
 }
 
@@ -616,9 +631,8 @@ fn loading_a_model_unloads_an_idle_one_when_the_inference_cgroup_is_full() {
         ),
     );
     std::fs::write(&spec, text).unwrap();
-    // Its own cgroup parent: the 200 MiB limit must not reach the other tests' workers.
-    let parent = Path::new("kiln-test-serve-room");
-    let k = Kilnd::try_start_with(&spec, tmp.path(), "127.0.0.1:0", &[("KILND_CGROUP_PARENT", parent)]).unwrap();
+    // Every kilnd has a cgroup parent of its own: the 200 MiB limit reaches no other test.
+    let k = Kilnd::start(&spec, tmp.path());
     let ask = |model: &str| k.post("/v1/completions", &json!({"model": model, "prompt": "Hi", "max_tokens": 2}));
     let (s, body, _) = ask("first");
     assert_eq!(s, 200, "{body}");
