@@ -1,0 +1,184 @@
+"""docs/benchmarks.md, .json and .png from the saved sections: every figure comes from a run."""
+
+import json
+import os
+
+TITLES = {
+    "decode": "Decode speed",
+    "ttft": "Time to first token",
+    "response-cache": "Response cache",
+    "prefix-cache": "Prefix cache (long shared system prompt)",
+    "memory": "Memory",
+    "concurrency": "Concurrency",
+    "prewarm": "Prewarm (store -> tmpfs hot tier)",
+    "builder": "Builder",
+}
+
+# Why a figure looks the way it does: bench/explain.json, written by a person after reading
+# the run, keyed by row name. Only words, no numbers: the numbers come from the run.
+EXPLAIN_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "explain.json")
+
+
+def fmt(v, unit=None):
+    if v is None:
+        return "-"
+    if unit == "ratio":
+        return f"{v:.3f}"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    if abs(v) >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3f}"
+
+
+def rng(lo, hi):
+    return "" if lo is None else f" ({fmt(lo)}–{fmt(hi)})"
+
+
+def verdict(row):
+    if "target" not in row:
+        return ""
+    if row.get("target_met") is None:
+        return "no figure"
+    if row["target_met"]:
+        return "met"
+    t = row["target"]
+    if row["ratio"] is not None and t.startswith("ratio"):
+        bound = float(t.split()[-1])
+        off = row["ratio"] / bound - 1
+        return f"**missed** by {abs(off) * 100:.1f}%"
+    bound = float(t.split()[1])
+    return f"**missed** by {abs(row['kiln'] / bound - 1) * 100:.1f}% ({fmt(row['kiln'])} vs {fmt(bound)} {row['unit']})"
+
+
+def write(repo, results_dir, order, machine, commands):
+    sections = []
+    for name in order:
+        p = os.path.join(results_dir, f"{name}.json")
+        if os.path.exists(p):
+            with open(p) as f:
+                sections.append(json.load(f))
+    explain = {}
+    if os.path.exists(EXPLAIN_FILE):
+        with open(EXPLAIN_FILE) as f:
+            explain = json.load(f)
+    rows = [dict(r, section=s["section"]) for s in sections for r in s["rows"]]
+    docs = os.path.join(repo, "docs")
+    with open(os.path.join(docs, "benchmarks.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+        f.write("\n")
+    chart(rows, os.path.join(docs, "benchmarks.png"))
+    md = []
+    w = md.append
+    w("# Benchmarks")
+    w("")
+    w("kilnd and kiln against their peers on one machine, written by `bench/run` (figures also in")
+    w("[benchmarks.json](benchmarks.json), ratios charted in [benchmarks.png](benchmarks.png)).")
+    w("Each pair runs interleaved (A B A B ...) for several rounds; a figure is the median, with the")
+    w("minimum and maximum in brackets; a **ratio is kiln's median over the peer's median from the same")
+    w("run** (for times lower is better, for rates higher is better). Targets are reported, not asserted.")
+    w("")
+    w("## Machine")
+    w("")
+    w(f"- CPU: {machine['cpu']}, {machine['cores']} cores visible ({machine['cpu_flags']})")
+    w(f"- RAM: {machine['ram_gib']} GiB; cgroups {machine['cgroups']}; Debian {machine.get('debian', '?')}")
+    w(f"- Kernel: `{machine['kernel']}`")
+    w("- Shared: another engineer's builds and a QEMU VM ran on the same 2 cores at times during the run")
+    w("  (the load average before and after each section is listed below). Interleaving keeps each ratio")
+    w("  fair; absolute figures are noisier than on an idle machine.")
+    w("")
+    w("| section | rounds | run (UTC) | load average before -> after |")
+    w("|---|---|---|---|")
+    for s in sections:
+        w(f"| {TITLES.get(s['section'], s['section'])} | {s['rounds']} | {s['started']} – {s['finished'][11:]} | "
+          f"{s['loadavg_before']} -> {s['loadavg_after']} |")
+    w("")
+    w("## Targets")
+    w("")
+    w("| measurement | kiln | peer | ratio | target | result |")
+    w("|---|---|---|---|---|---|")
+    for r in rows:
+        if "target" in r:
+            peer = f"{r['peer']}: {fmt(r['peer_value'])} {r['unit']}" if r["peer"] else "-"
+            w(f"| {r['name']} | {fmt(r['kiln'])} {r['unit']} | {peer} | {fmt(r['ratio'], 'ratio')} | "
+              f"{r['target']} | {verdict(r)} |")
+    w("")
+    for s in sections:
+        w(f"## {TITLES.get(s['section'], s['section'])}")
+        w("")
+        w("| measurement | kiln (min–max) | peer | peer (min–max) | ratio | target |")
+        w("|---|---|---|---|---|---|")
+        for r in s["rows"]:
+            w(f"| {r['name']} | {fmt(r['kiln'])}{rng(r['kiln_min'], r['kiln_max'])} {r['unit']} | {r['peer'] or '-'} | "
+              f"{fmt(r['peer_value'])}{rng(r['peer_min'], r['peer_max'])}{' ' + r['unit'] if r['peer'] else ''} | "
+              f"{fmt(r['ratio'], 'ratio')} | {r.get('target', '')} {verdict(r)} |")
+        w("")
+        notes = []
+        for r in s["rows"]:
+            n = r.get("note")
+            if n and n not in notes:
+                notes.append(n)
+        for n in notes:
+            w(f"- {n}")
+        for r in s["rows"]:
+            if r["name"] in explain:
+                w(f"- *{r['name']}*: {explain[r['name']]}")
+        if s["section"] in explain:
+            w("")
+            w(explain[s["section"]])
+        w("")
+    missing = [n for n in order if n not in {s["section"] for s in sections}]
+    if missing or "not-done" in explain:
+        w("## Not measured")
+        w("")
+        for n in missing:
+            w(f"- {TITLES.get(n, n)}: no saved result from a run.")
+        if "not-done" in explain:
+            w(explain["not-done"])
+        w("")
+    w("## Exact commands")
+    w("")
+    w("```sh")
+    w(commands.rstrip())
+    w("```")
+    w("")
+    with open(os.path.join(docs, "benchmarks.md"), "w") as f:
+        f.write("\n".join(md))
+
+
+def chart(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("bench: matplotlib missing; no chart")
+        return
+    rs = [r for r in rows if r["ratio"]]
+    if not rs:
+        return
+    # Oriented so that right of 1.0 is always better for kiln.
+    vals = [r["ratio"] if r["better"] == "higher" else 1 / r["ratio"] for r in rs]
+    labels = [f"{r['name']} (vs {r['peer']})" for r in rs]
+    colors = []
+    for r in rs:
+        met = r.get("target_met")
+        colors.append("#2a7" if met else "#c33" if met is False else "#58a")
+    fig, ax = plt.subplots(figsize=(11, 0.36 * len(rs) + 1.6))
+    y = range(len(rs))
+    ax.barh(list(y), vals, color=colors)
+    ax.set_xscale("log")
+    ax.axvline(1.0, color="black", lw=0.8)
+    ax.set_yticks(list(y))
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.invert_yaxis()
+    for i, v in enumerate(vals):
+        ax.text(v, i, f" {v:.2f}x", va="center", fontsize=7)
+    ax.set_xlabel("kiln's advantage over the peer (x, log scale; >1 = kiln better). green: target met, red: missed")
+    ax.set_title("kiln vs peers: ratios of medians from the same run")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

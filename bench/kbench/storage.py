@@ -1,0 +1,122 @@
+"""Prewarm (store -> tmpfs with hash-on-copy vs `cat`) and the builder (build, config-only
+rebuild, flash vs bmaptool)."""
+
+import os
+import re
+import shutil
+import subprocess
+import time
+
+from . import procs
+from .stats import comparison, figure
+
+
+def prewarm(ctx, rounds):
+    st = ctx.state("prewarm")
+    spec = procs.device(st, ctx.model)
+    hot = procs.hot_dir(st)
+    ctx.tmpfs(hot, "512M")
+    store = procs.store_file(st)
+    size = os.path.getsize(store)
+    plain = os.path.join(hot, "cat-copy")
+    rows, raw = [], {}
+    for mode in ("warm", "cold"):
+        k, c = [], []
+        for r in range(rounds):
+            for f in os.listdir(hot):
+                os.unlink(os.path.join(hot, f))
+            if mode == "cold":
+                procs.drop_page_cache(store)
+            else:
+                procs.warm_page_cache(store)
+            t0 = time.perf_counter()
+            subprocess.run([ctx.kilnd, "--spec", spec, "--state-dir", st, "prewarm", "--now", procs.MODEL_ID],
+                           check=True, capture_output=True)
+            k.append(size / (time.perf_counter() - t0) / 1e6)
+            if not os.path.exists(ctx.hot_file(st)):
+                raise RuntimeError("prewarm left no hot copy")
+            os.unlink(ctx.hot_file(st))
+            if mode == "cold":
+                procs.drop_page_cache(store)
+            else:
+                procs.warm_page_cache(store)
+            t0 = time.perf_counter()
+            subprocess.run(f"cat '{store}' > '{plain}'", shell=True, check=True)
+            c.append(size / (time.perf_counter() - t0) / 1e6)
+            os.unlink(plain)
+            ctx.log(f"prewarm {mode} round {r}: kilnd {k[-1]:.0f} MB/s, cat {c[-1]:.0f} MB/s")
+        rows.append(comparison(f"prewarm store -> tmpfs, page cache {mode}", "MB/s", "higher", k, "cat", c,
+                               (">=", 0.9),
+                               f"{size / 1e6:.0f} MB GGUF; kilnd: wall time of `kilnd prewarm --now` (process start, "
+                               "spec parse, copy with SHA-256 on the fly, fsync/rename) vs `cat STORE > TMPFS/x`"))
+        raw[mode] = {"kilnd": k, "cat": c}
+    return rows, raw
+
+
+def _copy_spec(ctx, src, swappiness):
+    """A copy of the spec in its own directory, with models/ and secrets/ linked from the original's."""
+    d = ctx.state(f"spec-swappiness-{swappiness}")
+    base = os.path.dirname(os.path.abspath(src))
+    for sub in ("models", "secrets", "images"):
+        link = os.path.join(d, sub)
+        if os.path.exists(os.path.join(base, sub)) and not os.path.lexists(link):
+            os.symlink(os.path.join(base, sub), link)
+    with open(src) as f:
+        text = f.read()
+    text, n = re.subn(r"(?m)^(\s*swappiness:\s*)\d+", rf"\g<1>{swappiness}", text)
+    if n != 1:
+        raise RuntimeError("the spec has no memory.swappiness to change")
+    path = os.path.join(d, os.path.basename(src))
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def _timed(cmd, env=None):
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    dt = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
+    return dt
+
+
+def builder(ctx, rounds):
+    """`kiln build` of the demo spec into a fresh output directory, then a config-only rebuild;
+    `kiln flash` to a regular file vs `bmaptool copy`."""
+    spec = os.path.join(ctx.repo, "examples/generic-x86_64.yaml")
+    kilnd = ctx.kilnd
+    full, rebuild = [], []
+    out = None
+    for r in range(rounds):
+        out = ctx.state(f"build-{r}")
+        shutil.rmtree(out, ignore_errors=True)
+        full.append(_timed([ctx.kiln, "build", spec, "--out", out, "--kilnd", kilnd]))
+        changed = _copy_spec(ctx, spec, 20 + r)
+        rebuild.append(_timed([ctx.kiln, "build", changed, "--out", out, "--kilnd", kilnd]))
+        ctx.log(f"build round {r}: build {full[-1]:.1f} s, config-only rebuild {rebuild[-1]:.1f} s")
+    images = [f for f in os.listdir(out) if f.endswith(".img")]
+    if len(images) != 1:
+        raise RuntimeError(f"expected one image in {out}: {os.listdir(out)}")
+    image = os.path.join(out, images[0])
+    img_size = os.path.getsize(image)
+    target = os.path.join(ctx.state("flash"), "disk.img")
+    kf, bf = [], []
+    for r in range(rounds):
+        for which, cmd, acc in (("kiln", [ctx.kiln, "flash", image, target, "--yes"], kf),
+                                ("bmaptool", [ctx.bmaptool, "copy", image, target], bf)):
+            if os.path.exists(target):
+                os.unlink(target)
+            procs.warm_page_cache(image)
+            acc.append(_timed(cmd))
+        ctx.log(f"flash round {r}: kiln {kf[-1]:.2f} s, bmaptool {bf[-1]:.2f} s")
+    note_b = ("the Debian base comes from kiln's cache (~/.cache/kiln/bases, built once by mmdebstrap); "
+              "each round builds into an empty output directory")
+    return [
+        figure("kiln build (Debian base cached), demo spec", "s", "lower", full, None, note_b),
+        figure("kiln build, config-only rebuild (memory.swappiness changed)", "s", "lower", rebuild, ("<=", 15.0),
+               "same output directory, right after the full build"),
+        comparison("flash image to a regular file", "s", "lower", kf, "bmaptool copy", bf, ("<=", 1.0),
+                   f"image {img_size / 2**20:.0f} MiB (sparse; the .img.bmap next to it drives both); image in the "
+                   "page cache; target removed before each run; ratio is time (<= 1.0 means kiln is as fast or faster)"),
+    ], {"build": full, "rebuild": rebuild, "flash_kiln": kf, "flash_bmaptool": bf, "image_bytes": img_size}
