@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import traceback
+import atexit
 
 from . import procs, report, serving, storage
 
@@ -34,6 +35,13 @@ class Ctx:
         self.results = os.path.join(a.cache, "results")
         os.makedirs(self.results, exist_ok=True)
         self.mounts, self._kilnd, self._llama = [], None, None
+        self.idle = []
+        self.quiet_wait = float(os.environ.get("BENCH_QUIET_WAIT", "60"))
+
+    def quiet(self):
+        """Before a round: wait for the shared machine to be mostly idle; record how idle it was."""
+        idle = procs.wait_quiet(0.8, self.quiet_wait)
+        self.idle.append(round(idle, 2))
 
     def log(self, msg):
         print(f"bench: {msg}", flush=True)
@@ -87,6 +95,7 @@ def main():
     ap.add_argument("--report-only", action="store_true")
     a = ap.parse_args()
     ctx = Ctx(a)
+    atexit.register(ctx.close)
     failed = []
     if not a.report_only:
         shutil.rmtree(ctx.work, ignore_errors=True)
@@ -96,6 +105,7 @@ def main():
             ctx.log(f"== {name} ({rounds} rounds), load average {procs.loadavg()}")
             started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             la0 = procs.loadavg()
+            ctx.idle = []
             try:
                 rows, raw = fn(ctx, rounds)
             except Exception:  # noqa: BLE001 -- one section failing must not lose the others
@@ -106,7 +116,8 @@ def main():
             with open(os.path.join(ctx.results, f"{name}.json"), "w") as f:
                 json.dump({"section": name, "rounds": rounds, "started": started,
                            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                           "loadavg_before": la0, "loadavg_after": procs.loadavg(), "rows": rows, "raw": raw},
+                           "loadavg_before": la0, "loadavg_after": procs.loadavg(), "idle_before_rounds": ctx.idle,
+                           "rows": rows, "raw": raw},
                           f, indent=1, default=str)
             # Each section starts from fresh servers.
             ctx.close()

@@ -106,11 +106,27 @@ class Kilnd:
             except subprocess.TimeoutExpired:
                 self.p.kill()
                 self.p.wait()
-        for root in ["/sys/fs/cgroup"] + [e.path for e in os.scandir("/sys/fs/cgroup") if e.is_dir()]:
-            try:
-                os.rmdir(os.path.join(root, self.parent))
-            except OSError:
-                pass
+        remove_cgroups(self.parent)
+
+
+def remove_cgroups(parent):
+    """Removes the cgroup parent of one kilnd in every hierarchy, after its workers (kilnd stops
+    them; one may still be exiting) are gone."""
+    roots = ["/sys/fs/cgroup"] + [e.path for e in os.scandir("/sys/fs/cgroup") if e.is_dir()]
+    for _ in range(50):
+        left = False
+        for root in roots:
+            top = os.path.join(root, parent)
+            if not os.path.isdir(top):
+                continue
+            for d, _dirs, _files in sorted(os.walk(top), key=lambda x: -len(x[0])):
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    left = True
+        if not left:
+            return
+        time.sleep(0.1)
 
 
 class LlamaServer:
@@ -230,3 +246,28 @@ def machine():
 def loadavg():
     with open("/proc/loadavg") as f:
         return " ".join(f.read().split()[:3])
+
+
+def cpu_idle(interval=0.5):
+    """Fraction of all CPUs idle over `interval` seconds (from /proc/stat)."""
+
+    def sample():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return v[3] + v[4], sum(v[:8])
+
+    i0, t0 = sample()
+    time.sleep(interval)
+    i1, t1 = sample()
+    return (i1 - i0) / (t1 - t0) if t1 > t0 else 0.0
+
+
+def wait_quiet(min_idle, max_wait):
+    """Waits (up to max_wait seconds) until the machine is mostly idle: the machine is shared, and
+    llama.cpp's decode threads slow down badly when other processes want the same cores.
+    Returns the idle fraction seen last."""
+    deadline = time.perf_counter() + max_wait
+    idle = cpu_idle()
+    while idle < min_idle and time.perf_counter() < deadline:
+        idle = cpu_idle()
+    return idle

@@ -45,12 +45,12 @@ def verdict(row):
     if row["target_met"]:
         return "met"
     t = row["target"]
-    if row["ratio"] is not None and t.startswith("ratio"):
-        bound = float(t.split()[-1])
-        off = row["ratio"] / bound - 1
-        return f"**missed** by {abs(off) * 100:.1f}%"
-    bound = float(t.split()[1])
-    return f"**missed** by {abs(row['kiln'] / bound - 1) * 100:.1f}% ({fmt(row['kiln'])} vs {fmt(bound)} {row['unit']})"
+    bound = float(t.split()[-1]) if t.startswith("ratio") else float(t.split()[1])
+    value = row["ratio"] if t.startswith("ratio") else row["kiln"]
+    off = abs(value / bound - 1) * 100
+    side = "over" if value > bound else "under"
+    what = "ratio " + fmt(value, "ratio") if t.startswith("ratio") else f"{fmt(value)} {row['unit']}"
+    return f"**missed**: {what}, {off:.1f}% {side} the target"
 
 
 def write(repo, results_dir, order, machine, commands):
@@ -89,11 +89,16 @@ def write(repo, results_dir, order, machine, commands):
     w("  (the load average before and after each section is listed below). Interleaving keeps each ratio")
     w("  fair; absolute figures are noisier than on an idle machine.")
     w("")
-    w("| section | rounds | run (UTC) | load average before -> after |")
-    w("|---|---|---|---|")
+    w("Before each round the harness waits (up to a minute) for the CPUs to be at least 80% idle;")
+    w("the idle fraction it saw last is summarized per section (1.00 = nothing else running).")
+    w("")
+    w("| section | rounds | run (UTC) | load average before -> after | CPU idle before rounds: median (min) |")
+    w("|---|---|---|---|---|")
     for s in sections:
+        idle = s.get("idle_before_rounds") or []
+        idle_txt = f"{sorted(idle)[len(idle) // 2]:.2f} ({min(idle):.2f})" if idle else "-"
         w(f"| {TITLES.get(s['section'], s['section'])} | {s['rounds']} | {s['started']} – {s['finished'][11:]} | "
-          f"{s['loadavg_before']} -> {s['loadavg_after']} |")
+          f"{s['loadavg_before']} -> {s['loadavg_after']} | {idle_txt} |")
     w("")
     w("## Targets")
     w("")

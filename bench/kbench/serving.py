@@ -44,6 +44,7 @@ def decode(ctx, rounds):
         check(c.stream(CHAT, chat(story(-1), 16, **SAMPLING)), "warm-up")
     kr, lr, br, lself, ktok, ltok = [], [], [], [], [], []
     for r in range(rounds):
+        ctx.quiet()
         res = check(kc.stream(CHAT, chat(story(r), 128, **SAMPLING)), "kilnd decode")
         kr.append(decode_rate(res))
         ktok.append(res["completion_tokens"])
@@ -87,6 +88,7 @@ def ttft(ctx, rounds):
     s = {k: [] for k in ["k_cold_req", "k_cold_proc", "l_cold", "k_hot_req", "k_hot_proc", "l_hot", "k_loaded", "l_loaded"]}
     port = ctx.port()
     for r in range(rounds):
+        ctx.quiet()
         # not loaded: weights in the store, out of the page cache.
         left = procs.drop_page_cache(store)
         k = procs.Kilnd(ctx.kilnd, spec, st)
@@ -120,6 +122,7 @@ def ttft(ctx, rounds):
     k, ls = ctx.kilnd_main(), ctx.llama_main()
     kc, lc = Conn(k.url), Conn(ls.url)
     for r in range(rounds * 2):
+        ctx.quiet()
         s["k_loaded"].append(check(kc.stream(CHAT, chat(f"Loaded {r}: hello", 8, **SAMPLING)), "kilnd")["ttft"])
         s["l_loaded"].append(check(lc.stream(CHAT, chat(f"Loaded {r}: hello", 8, **SAMPLING)), "llama-server")["ttft"])
     ms = lambda xs: [x * 1000 for x in xs]  # noqa: E731
@@ -144,6 +147,7 @@ def response_cache(ctx, rounds):
     kc = Conn(k.url)
     hits, misses, bad = [], [], 0
     for r in range(rounds * 2):
+        ctx.quiet()
         body = chat(f"Cache {r}: name three rivers in Europe.", 64, temperature=0)
         st, h, _, t = kc.request("POST", CHAT, body)
         if st != 200 or h.get("x-kiln-cache") != "miss":
@@ -165,9 +169,10 @@ def response_cache(ctx, rounds):
     ], {"hits_ms": hits, "misses_ms": misses}
 
 
-def long_system_prompt():
+def long_system_prompt(rules=41):
+    """The serve tests' bakery prompt, cut to about 1,000 tokens."""
     s = "You are the assistant of a small bakery. Follow these house rules.\n"
-    for i in range(1, 61):
+    for i in range(1, rules + 1):
         s += f"Rule {i}: greet customers warmly, list today's bread number {i}, and never promise delivery.\n"
     return s
 
@@ -194,6 +199,7 @@ def prefix_cache(ctx, rounds):
                      "prefix")
 
     for r in range(rounds):
+        ctx.quiet()
         # without: a fresh worker, no saved state on disk.
         shutil.rmtree(pdir, ignore_errors=True)
         k = procs.Kilnd(ctx.kilnd, spec, st)
@@ -248,6 +254,7 @@ def memory(ctx, rounds):
     idle, anon, filem, lanon, lfile = [], [], [], [], []
     port = ctx.port()
     for r in range(rounds):
+        ctx.quiet()
         k = procs.Kilnd(ctx.kilnd, spec, st)
         time.sleep(1.0)
         idle.append(procs.proc_status(k.pid)["VmRSS"] / 2**20)
@@ -320,6 +327,7 @@ def concurrency(ctx, rounds, levels=(1, 2, 4, 8), per_client=3, max_tokens=64):
         check(Conn(ls.url).stream(CHAT, chat(story(-2), 8, **SAMPLING)), "warm")
         kt, lt, kp, lp, k429, l429, kerr, lerr = [], [], [], [], 0, 0, 0, 0
         for r in range(rounds):
+            ctx.quiet()
             a = burst(k.url, n)
             b = burst(ls.url, n)
             kt.append(a["tps"]), lt.append(b["tps"]), kp.append(a["p99_ms"]), lp.append(b["p99_ms"])

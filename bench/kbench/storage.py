@@ -23,6 +23,7 @@ def prewarm(ctx, rounds):
     for mode in ("warm", "cold"):
         k, c = [], []
         for r in range(rounds):
+            ctx.quiet()
             for f in os.listdir(hot):
                 os.unlink(os.path.join(hot, f))
             if mode == "cold":
@@ -72,12 +73,16 @@ def _copy_spec(ctx, src, swappiness):
     return path
 
 
-def _timed(cmd, env=None):
+def _timed(cmd, env=None, steps=None):
+    """Wall seconds of a command; with `steps` (a dict), also kiln build's own step timings."""
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     dt = time.perf_counter() - t0
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
+    if steps is not None:
+        for m in re.finditer(r"(?m)^\s+([0-9.]+)s  ([a-z][^(\n]*?)\s*(?:\(.*)?$", p.stdout + p.stderr):
+            steps.setdefault(m.group(2), []).append(float(m.group(1)))
     return dt
 
 
@@ -86,14 +91,15 @@ def builder(ctx, rounds):
     `kiln flash` to a regular file vs `bmaptool copy`."""
     spec = os.path.join(ctx.repo, "examples/generic-x86_64.yaml")
     kilnd = ctx.kilnd
-    full, rebuild = [], []
+    full, rebuild, steps = [], [], {}
     out = None
     for r in range(rounds):
+        ctx.quiet()
         out = ctx.state(f"build-{r}")
         shutil.rmtree(out, ignore_errors=True)
         full.append(_timed([ctx.kiln, "build", spec, "--out", out, "--kilnd", kilnd]))
         changed = _copy_spec(ctx, spec, 20 + r)
-        rebuild.append(_timed([ctx.kiln, "build", changed, "--out", out, "--kilnd", kilnd]))
+        rebuild.append(_timed([ctx.kiln, "build", changed, "--out", out, "--kilnd", kilnd], steps=steps))
         ctx.log(f"build round {r}: build {full[-1]:.1f} s, config-only rebuild {rebuild[-1]:.1f} s")
     images = [f for f in os.listdir(out) if f.endswith(".img")]
     if len(images) != 1:
@@ -103,6 +109,7 @@ def builder(ctx, rounds):
     target = os.path.join(ctx.state("flash"), "disk.img")
     kf, bf = [], []
     for r in range(rounds):
+        ctx.quiet()
         for which, cmd, acc in (("kiln", [ctx.kiln, "flash", image, target, "--yes"], kf),
                                 ("bmaptool", [ctx.bmaptool, "copy", image, target], bf)):
             if os.path.exists(target):
@@ -110,13 +117,15 @@ def builder(ctx, rounds):
             procs.warm_page_cache(image)
             acc.append(_timed(cmd))
         ctx.log(f"flash round {r}: kiln {kf[-1]:.2f} s, bmaptool {bf[-1]:.2f} s")
+    step_txt = ", ".join(f"{k} {sorted(v)[len(v) // 2]:.2f} s" for k, v in steps.items() if k != "total")
     note_b = ("the Debian base comes from kiln's cache (~/.cache/kiln/bases, built once by mmdebstrap); "
               "each round builds into an empty output directory")
     return [
         figure("kiln build (Debian base cached), demo spec", "s", "lower", full, None, note_b),
         figure("kiln build, config-only rebuild (memory.swappiness changed)", "s", "lower", rebuild, ("<=", 15.0),
-               "same output directory, right after the full build"),
+               "same output directory, right after the full build; kiln's own step timings (median): " + step_txt),
         comparison("flash image to a regular file", "s", "lower", kf, "bmaptool copy", bf, ("<=", 1.0),
                    f"image {img_size / 2**20:.0f} MiB (sparse; the .img.bmap next to it drives both); image in the "
                    "page cache; target removed before each run; ratio is time (<= 1.0 means kiln is as fast or faster)"),
-    ], {"build": full, "rebuild": rebuild, "flash_kiln": kf, "flash_bmaptool": bf, "image_bytes": img_size}
+    ], {"build": full, "rebuild": rebuild, "flash_kiln": kf, "flash_bmaptool": bf, "image_bytes": img_size,
+                  "rebuild_steps": steps}
