@@ -6,6 +6,7 @@
 //! one template under `templates/`.
 
 pub mod board;
+pub mod bootfiles;
 pub mod budget;
 pub mod diag;
 pub mod diff;

@@ -246,6 +246,10 @@ pub struct Supervisor {
     pub prompt_tokens_limit: Option<u32>,
     pub max_tokens_limit: u32,
     pub log_level: LogLevel,
+    /// Time a new generation has to become healthy before the device rolls back.
+    pub health_timeout_secs: u64,
+    /// Generations kept on the device, the active one included.
+    pub keep_generations: u32,
 }
 
 impl LogLevel {

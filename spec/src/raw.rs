@@ -533,6 +533,21 @@ pub struct Supervisor {
     /// Default info.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_level: Option<LogLevel>,
+    /// How `kiln deploy` activates a new generation on the device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deploy: Option<Deploy>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema, PartialEq, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Deploy {
+    /// How long a new generation's kilnd has to report READY and answer a canary completion
+    /// before the device rolls back to the previous generation (default 5m).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_timeout: Option<Quantity>,
+    /// Generations kept on the device, the active one included (default 5; at least 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_generations: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema, PartialEq, Default)]

@@ -151,6 +151,10 @@ pub fn normalized_spec(spec: &Spec, raw: &RawSpec) -> Result<String, super::Rend
                 max_tokens: Some(s.supervisor.max_tokens_limit),
             }),
             log_level: Some(s.supervisor.log_level),
+            deploy: Some(raw::Deploy {
+                health_timeout: Some(q(format_duration(s.supervisor.health_timeout_secs))),
+                keep_generations: Some(s.supervisor.keep_generations),
+            }),
         },
     };
     let body = serde_saphyr::to_string(&doc).map_err(|e| super::RenderError::Spec(e.to_string()))?;

@@ -103,7 +103,7 @@ impl Validator<'_> {
         }
     }
 
-    fn opt_secs(&mut self, path: &str, q: &Option<raw::Quantity>, default: u64) -> Option<u64> {
+    pub(super) fn opt_secs(&mut self, path: &str, q: &Option<raw::Quantity>, default: u64) -> Option<u64> {
         match q {
             Some(q) => self.qty(path, Some(q), parse_duration_secs),
             None => Some(default),

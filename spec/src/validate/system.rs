@@ -272,7 +272,23 @@ impl Validator<'_> {
         if limits.prompt_tokens == Some(0) {
             self.err("supervisor.limits.prompt-tokens", "0 would refuse every prompt");
         }
+        let deploy = s.deploy.clone().unwrap_or_default();
+        let health_timeout_secs = self.opt_secs("supervisor.deploy.health-timeout", &deploy.health_timeout, 5 * 60);
+        if let Some(t) = health_timeout_secs
+            && !(10..=3600).contains(&t)
+        {
+            self.err("supervisor.deploy.health-timeout", format!("{t}s is outside 10s-1h"));
+        }
+        let keep_generations = deploy.keep_generations.unwrap_or(5);
+        if !(2..=100).contains(&keep_generations) {
+            self.err(
+                "supervisor.deploy.keep-generations",
+                format!("{keep_generations} is outside 2-100 (the active generation and one to roll back to, at least)"),
+            );
+        }
         Some(Supervisor {
+            health_timeout_secs: health_timeout_secs?,
+            keep_generations,
             listen: listen?,
             api_token_file,
             queue_depth,
