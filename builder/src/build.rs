@@ -374,6 +374,38 @@ fn root_items(
         mode: Some(0o644),
         owner: Some((0, 0)),
     });
+    // Generation 1, as `kiln deploy` will find it: the rendered files and the manifest under
+    // /var/lib/kiln/generations/1 (root only), `current` pointing at it.
+    const GENERATIONS: &str = "/var/lib/kiln/generations";
+    items.push(Item { path: GENERATIONS.into(), what: What::Dir, mode: Some(0o755), owner: Some((0, 0)) });
+    items.push(Item { path: format!("{GENERATIONS}/1"), what: What::Dir, mode: Some(0o700), owner: Some((0, 0)) });
+    for e in &manifest.entries {
+        let what = match &e.kind {
+            Kind::Dir => What::Dir,
+            Kind::Symlink { target } => What::Symlink(target.clone()),
+            Kind::File | Kind::Args | Kind::Block => What::File(stage(staged, &mut n, &e.content)?),
+        };
+        items.push(Item { path: format!("{GENERATIONS}/1{}", e.path), what, mode: Some(e.mode), owner: Some((0, 0)) });
+    }
+    items.push(Item {
+        path: format!("{GENERATIONS}/1/etc/kiln/manifest.json"),
+        what: What::File(stage(staged, &mut n, format!("{manifest_json}\n").as_bytes())?),
+        mode: Some(0o644),
+        owner: Some((0, 0)),
+    });
+    let meta = serde_json::json!({ "state": "good", "received_at": epoch, "activated_at": epoch });
+    items.push(Item {
+        path: format!("{GENERATIONS}/1.json"),
+        what: What::File(stage(staged, &mut n, meta.to_string().as_bytes())?),
+        mode: Some(0o644),
+        owner: Some((0, 0)),
+    });
+    items.push(Item {
+        path: format!("{GENERATIONS}/current"),
+        what: What::Symlink("1".into()),
+        mode: None,
+        owner: Some((0, 0)),
+    });
     let fstab = match &prepared.info.boot {
         Boot::Rpi { table: old, .. } => boot::retarget_fstab(
             &read("/etc/fstab")?,

@@ -3,6 +3,7 @@
 
 pub mod base;
 pub mod build;
+pub mod deploy;
 pub mod elf;
 pub mod flash;
 pub mod image;

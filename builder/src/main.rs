@@ -90,6 +90,57 @@ enum Command {
         #[arg(long, default_value_t = 600)]
         timeout: u64,
     },
+    /// Re-deploy an edited spec to a running device over SSH as a new generation: sends only
+    /// what changed (files by hash, models by sha256), applies only what the diff needs, and
+    /// rolls back by itself when kilnd does not become healthy.
+    Deploy {
+        spec: PathBuf,
+        #[command(flatten)]
+        ssh: SshArgs,
+        /// Show what would change and be sent, then stop.
+        #[arg(long)]
+        dry_run: bool,
+        /// Seconds the new generation has to become healthy (default: the spec's supervisor.deploy.health-timeout).
+        #[arg(long)]
+        health_timeout: Option<u64>,
+    },
+    /// Switch the device back to an earlier generation (default: the newest good one before
+    /// the active one), with the same health gate.
+    Rollback {
+        #[command(flatten)]
+        ssh: SshArgs,
+        #[arg(long)]
+        to: Option<u32>,
+        #[arg(long)]
+        health_timeout: Option<u64>,
+    },
+    /// List the device's generations (`*` marks the active one).
+    Generations {
+        #[command(flatten)]
+        ssh: SshArgs,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct SshArgs {
+    /// The device: ssh://user@host[:port] (a user other than root needs passwordless sudo).
+    #[arg(long)]
+    target: String,
+    /// SSH private key.
+    #[arg(long)]
+    identity: Option<PathBuf>,
+    /// A known_hosts file of its own (new host keys are added; a changed one is refused).
+    #[arg(long)]
+    known_hosts: Option<PathBuf>,
+}
+
+impl SshArgs {
+    fn target(&self) -> Result<kiln_builder::deploy::Target> {
+        let mut t = kiln_builder::deploy::Target::parse(&self.target)?;
+        t.identity = self.identity.clone();
+        t.known_hosts = self.known_hosts.clone();
+        Ok(t)
+    }
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -116,7 +167,41 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
+    use kiln_builder::deploy::{self, DeployOptions, Deployed};
+    let mut say = |line: &str| println!("{line}");
     match cli.command {
+        Command::Deploy { spec, ssh, dry_run, health_timeout } => {
+            let t = ssh.target()?;
+            let opts = DeployOptions { dry_run, health_timeout_secs: health_timeout };
+            match deploy::deploy(&spec, &t, &opts, &mut say)? {
+                Deployed::Unchanged { .. } | Deployed::DryRun => Ok(ExitCode::SUCCESS),
+                Deployed::Activated { number } => {
+                    println!("deployed: generation {number} is active and healthy on {t}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Deployed::RolledBack { number } => {
+                    eprintln!("error: generation {number} was unhealthy on {t}; the device rolled back (see above)");
+                    Ok(ExitCode::from(2))
+                }
+            }
+        }
+        Command::Rollback { ssh, to, health_timeout } => {
+            let t = ssh.target()?;
+            let args = match to {
+                Some(n) => format!("rollback --to {n}"),
+                None => "rollback".to_string(),
+            };
+            if deploy::activate_remote(&t, &args, health_timeout, &mut say)? {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!("error: the generation rolled back to was unhealthy; the device went back to the one before");
+                Ok(ExitCode::from(2))
+            }
+        }
+        Command::Generations { ssh } => {
+            print!("{}", deploy::generations(&ssh.target()?)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Check { spec } => match load_file(&spec, Context::Host) {
             Ok(loaded) => {
                 for w in loaded.warnings.to_string().lines() {

@@ -3,10 +3,12 @@
 //! llama.cpp workers (`worker`), the HTTP API (`server`) with its response cache (`respcache`)
 //! and metrics, and `kilnd run` tying them together (`serve`).
 
+pub mod activate;
 pub mod cgroup;
 pub mod chat;
 pub mod daemon;
 pub mod engine;
+pub mod generations;
 pub mod log;
 pub mod metrics;
 pub mod notify;

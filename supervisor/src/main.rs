@@ -7,6 +7,7 @@ use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use kiln_spec::validate::{Context, load_file};
 use kiln_supervisor::engine::{Engine, read_memory};
+use kiln_supervisor::generations::Generations;
 use kiln_supervisor::log;
 
 const DEFAULT_SPEC: &str = "/etc/kiln/spec.yaml";
@@ -52,6 +53,42 @@ enum Command {
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
     },
+    /// The device's generations (every applied spec), the active one marked; with --json also
+    /// the active manifest and the store's model hashes (what `kiln deploy` compares against).
+    Generations {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Receive a generation as a tar stream on stdin (from `kiln deploy`); prints its number.
+    #[command(hide = true)]
+    Receive,
+    /// Receive a model's bytes on stdin into the store, verified against SHA256 (from `kiln deploy`).
+    #[command(hide = true)]
+    ReceiveModel {
+        sha256: String,
+        #[arg(long, default_value = "model")]
+        id: String,
+    },
+    /// Install generation N into the running system (as root): only what differs, then what
+    /// the diff needs; roll back when kilnd does not become healthy.
+    Activate {
+        number: u32,
+        /// Install under DIR instead of / and only print the commands (for tests).
+        #[arg(long)]
+        root: Option<PathBuf>,
+        /// Overrides the spec's supervisor.deploy.health-timeout, in seconds.
+        #[arg(long)]
+        health_timeout: Option<u64>,
+    },
+    /// Switch back to an earlier generation (default: the newest good one before the current).
+    Rollback {
+        #[arg(long)]
+        to: Option<u32>,
+        #[arg(long)]
+        root: Option<PathBuf>,
+        #[arg(long)]
+        health_timeout: Option<u64>,
+    },
     /// One model's inference worker (kilnd starts these itself).
     #[command(hide = true)]
     Worker {
@@ -86,8 +123,108 @@ fn load(cli: &Cli) -> Result<kiln_spec::validate::Loaded> {
     load_file(&cli.spec, Context::Device).map_err(|d| anyhow::anyhow!("{d}"))
 }
 
+/// kilnd's state directory (`/var/lib/kiln`, re-rooted by --state-dir).
+fn state_dir(cli: &Cli) -> PathBuf {
+    match &cli.state_dir {
+        Some(root) => root.join("var/lib/kiln"),
+        None => PathBuf::from("/var/lib/kiln"),
+    }
+}
+
+fn activate(cli: &Cli, number: u32, root: Option<&PathBuf>, timeout: Option<u64>) -> Result<ExitCode> {
+    use kiln_supervisor::activate::{Options, Outcome};
+    let opts = Options {
+        root: root.cloned().unwrap_or_else(|| PathBuf::from("/")),
+        live: root.is_none(),
+        health_timeout: timeout.map(std::time::Duration::from_secs),
+        state: state_dir(cli),
+    };
+    let _log = log::init("info");
+    let gens = Generations::at(&opts.state);
+    let mut say = |line: &str| {
+        tracing::info!("{line}");
+        println!("{line}");
+    };
+    match kiln_supervisor::activate::activate(&gens, number, &opts, &mut say)? {
+        Outcome::Activated { .. } | Outcome::Unchanged { .. } => Ok(ExitCode::SUCCESS),
+        Outcome::RolledBack { number, to, reason } => {
+            let back = to.map_or("nothing (there was no earlier generation)".into(), |n| format!("generation {n}"));
+            eprintln!("kilnd: generation {number} was rolled back to {back}: {reason}");
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
     match &cli.command {
+        Command::Generations { json } => {
+            let gens = Generations::at(&state_dir(&cli));
+            let list = gens.list()?;
+            if *json {
+                let current = gens.current()?;
+                let manifest = match current {
+                    Some(n) => Some(gens.manifest(n)?),
+                    None => None,
+                };
+                let store = kiln_supervisor::store::Store::open(&state_dir(&cli).join("models"))?;
+                let models: Vec<String> = std::fs::read_dir(store.root())
+                    .map(|d| {
+                        d.flatten()
+                            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".gguf").map(str::to_owned))
+                            .filter(|s| store.contains(s))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let v = serde_json::json!({ "current": current, "generations": list, "manifest": manifest, "store": models });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else if list.is_empty() {
+                println!("no generations in {}", gens.dir().display());
+            } else {
+                for g in &list {
+                    let when = g
+                        .meta
+                        .activated_at
+                        .or(Some(g.meta.received_at))
+                        .and_then(|t| jiff::Timestamp::from_second(t).ok());
+                    let state = format!("{:?}", g.meta.state).to_lowercase();
+                    println!(
+                        "{} {:>4}  {}  {:<8}  {}{}",
+                        if g.current { "*" } else { " " },
+                        g.number,
+                        &g.id[..12.min(g.id.len())],
+                        state,
+                        when.map(|t| t.strftime("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_default(),
+                        g.meta
+                            .failure
+                            .as_ref()
+                            .map(|f| format!("  ({})", f.lines().next().unwrap_or("")))
+                            .unwrap_or_default()
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Receive => {
+            let gens = Generations::at(&state_dir(&cli));
+            let n = gens.receive(std::io::stdin().lock())?;
+            println!("{n}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::ReceiveModel { sha256, id } => {
+            let store = kiln_supervisor::store::Store::open(&state_dir(&cli).join("models"))?;
+            let path = store.import(id, std::path::Path::new("/dev/stdin"), sha256, &|_, _| {})?;
+            println!("{}", path.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Activate { number, root, health_timeout } => activate(&cli, *number, root.as_ref(), *health_timeout),
+        Command::Rollback { to, root, health_timeout } => {
+            let gens = Generations::at(&state_dir(&cli));
+            let target = match to {
+                Some(n) => *n,
+                None => kiln_supervisor::activate::previous_good(&gens)?,
+            };
+            activate(&cli, target, root.as_ref(), *health_timeout)
+        }
         Command::Check => {
             let loaded = load(&cli)?;
             let s = &loaded.spec;

@@ -204,7 +204,12 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
         cgroups,
     });
     let addr = listener.local_addr().unwrap_or(listen);
-    tracing::info!(message_id = message_id::LISTENING, address = %addr, "listening on http://{addr}");
+    let generation = {
+        let state = engine.lock().unwrap_or_else(std::sync::PoisonError::into_inner).paths.state.clone();
+        crate::generations::running(&state).map_or_else(|| "none".to_string(), |g| g["number"].to_string())
+    };
+    tracing::info!(message_id = message_id::LISTENING, address = %addr, generation = %generation,
+        "listening on http://{addr} (generation {generation})");
     eprintln!("kilnd: listening on http://{addr}");
     let _ = notify::ready(&format!("serving {} model(s) on {addr}", spec.models.len()));
 

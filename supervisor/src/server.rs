@@ -707,6 +707,7 @@ pub fn status_json(st: &AppState) -> Value {
     let reading = crate::engine::read_memory().ok();
     let engine = st.engine.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let s = engine.status(reading);
+    let generation = crate::generations::running(&engine.paths.state);
     drop(engine);
     let models: Vec<Value> = s
         .models
@@ -737,6 +738,7 @@ pub fn status_json(st: &AppState) -> Value {
     };
     json!({
         "name": s.name,
+        "generation": generation,
         "uptime_secs": st.started.elapsed().as_secs(),
         "engine": engine_version(),
         "models": models,

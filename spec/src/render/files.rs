@@ -172,7 +172,13 @@ pub(super) fn entries(loaded: &Loaded) -> Result<Vec<Entry>, RenderError> {
 fn kiln(out: &mut Out<'_>, loaded: &Loaded) -> Result<(), RenderError> {
     let spec = &loaded.spec;
     out.dir("/etc/kiln", 0o755, ROOT);
-    out.file("/etc/kiln/spec.yaml", 0o644, ROOT, Effect::RestartKilnd, normalized_spec(spec, &loaded.raw)?.into_bytes());
+    out.file(
+        "/etc/kiln/spec.yaml",
+        0o644,
+        ROOT,
+        Effect::RestartKilnd,
+        normalized_spec(spec, &loaded.raw)?.into_bytes(),
+    );
     let env =
         context! { malloc_arena_max => spec.memory.malloc_arena_max, log_level => spec.supervisor.log_level.as_str() };
     out.tmpl("/etc/kiln/kilnd.env", "kilnd.env.j2", env, Effect::RestartKilnd)?;

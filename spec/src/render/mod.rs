@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use crate::validate::Loaded;
 
 pub use normalize::normalized_spec;
-pub use tree::{read_manifest, write_tree};
+pub use tree::{PACK_FILES, PACK_MANIFEST, pack, read_manifest, write_tree};
 
 /// Where the manifest lands, relative to the generation root.
 pub const MANIFEST_PATH: &str = "etc/kiln/manifest.json";

@@ -116,3 +116,30 @@ pub fn read_manifest(root: &Path) -> Result<Manifest, TreeError> {
     }
     Ok(manifest)
 }
+
+/// Where the manifest sits in the stream a generation is sent as.
+pub const PACK_MANIFEST: &str = "manifest.json";
+/// Where file contents sit in that stream: `files/<path without the leading slash>`.
+pub const PACK_FILES: &str = "files";
+
+/// A generation as a tar stream for the device: the manifest, then the content of each file
+/// whose sha256 is not in `known` (the device has those already). Deterministic.
+pub fn pack(manifest: &Manifest, known: &std::collections::BTreeSet<String>) -> std::io::Result<Vec<u8>> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut add = |name: &str, data: &[u8]| -> std::io::Result<()> {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o600);
+        h.set_mtime(0);
+        h.set_entry_type(tar::EntryType::Regular);
+        b.append_data(&mut h, name, data)
+    };
+    let text = serde_json::to_vec_pretty(manifest).map_err(std::io::Error::other)?;
+    add(PACK_MANIFEST, &text)?;
+    for e in &manifest.entries {
+        if matches!(e.kind, Kind::File | Kind::Block | Kind::Args) && !known.contains(&e.sha256) {
+            add(&format!("{PACK_FILES}/{}", e.path.trim_start_matches('/')), &e.content)?;
+        }
+    }
+    b.into_inner()
+}

@@ -283,7 +283,9 @@ impl Validator<'_> {
         if !(2..=100).contains(&keep_generations) {
             self.err(
                 "supervisor.deploy.keep-generations",
-                format!("{keep_generations} is outside 2-100 (the active generation and one to roll back to, at least)"),
+                format!(
+                    "{keep_generations} is outside 2-100 (the active generation and one to roll back to, at least)"
+                ),
             );
         }
         Some(Supervisor {
