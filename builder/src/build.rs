@@ -375,10 +375,11 @@ fn root_items(
         owner: Some((0, 0)),
     });
     // Generation 1, as `kiln deploy` will find it: the rendered files and the manifest under
-    // /var/lib/kiln/generations/1 (root only), `current` pointing at it.
+    // /var/lib/kiln/generations/1 (readable, so kilnd knows its generation; secrets keep their
+    // 0600 root modes), `current` pointing at it.
     const GENERATIONS: &str = "/var/lib/kiln/generations";
     items.push(Item { path: GENERATIONS.into(), what: What::Dir, mode: Some(0o755), owner: Some((0, 0)) });
-    items.push(Item { path: format!("{GENERATIONS}/1"), what: What::Dir, mode: Some(0o700), owner: Some((0, 0)) });
+    items.push(Item { path: format!("{GENERATIONS}/1"), what: What::Dir, mode: Some(0o755), owner: Some((0, 0)) });
     for e in &manifest.entries {
         let what = match &e.kind {
             Kind::Dir => What::Dir,

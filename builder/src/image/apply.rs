@@ -76,7 +76,16 @@ pub fn apply(image: &Path, items: &[Item], epoch: i64) -> Result<(), ApplyError>
     let mut touched: BTreeSet<String> = BTreeSet::new();
     // Parents nobody declared and the base lacks.
     for dir in &dirs {
-        if dir == "/" || declared.contains_key(dir.as_str()) {
+        if dir == "/" {
+            continue;
+        }
+        if let Some(it) = declared.get(dir.as_str()) {
+            // A declared directory is made here too, before the undeclared ones below it
+            // (its mode and owner are set with the items).
+            if it.what == What::Dir && existing(dir).is_none() && made.insert(dir.clone()) {
+                e.mkdir(dir);
+                touched.extend(parent(dir).map(String::from));
+            }
             continue;
         }
         match existing(dir) {
@@ -102,6 +111,7 @@ pub fn apply(image: &Path, items: &[Item], epoch: i64) -> Result<(), ApplyError>
                 match &old {
                     Some(o) if !o.is_dir() => return Err(ApplyError::FileInTheWay { path: it.path.clone() }),
                     Some(_) => {}
+                    None if made.contains(&it.path) => {}
                     None => e.mkdir(&it.path),
                 }
                 e.set_inode(&it.path, 0o040000 | mode, uid, gid, epoch);
