@@ -116,7 +116,7 @@ def main():
             with open(os.path.join(ctx.results, f"{name}.json"), "w") as f:
                 json.dump({"section": name, "rounds": rounds, "started": started,
                            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                           "loadavg_before": la0, "loadavg_after": procs.loadavg(), "idle_before_rounds": ctx.idle,
+                           "revision": os.environ.get("KILN_BENCH_REVISION"), "loadavg_before": la0, "loadavg_after": procs.loadavg(), "idle_before_rounds": ctx.idle,
                            "rows": rows, "raw": raw},
                           f, indent=1, default=str)
             # Each section starts from fresh servers.

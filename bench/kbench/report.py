@@ -85,8 +85,9 @@ def write(repo, results_dir, order, machine, commands):
     w(f"- CPU: {machine['cpu']}, {machine['cores']} cores visible ({machine['cpu_flags']})")
     w(f"- RAM: {machine['ram_gib']} GiB; cgroups {machine['cgroups']}; Debian {machine.get('debian', '?')}")
     w(f"- Kernel: `{machine['kernel']}`")
-    w(f"- kiln measured: `{os.environ.get('KILN_BENCH_REVISION', 'unknown revision')}`; llama.cpp: the copy vendored "
-      "in the llama-cpp-python 0.3.36 sdist")
+    revs = sorted({s.get("revision") or "unknown" for s in sections})
+    w(f"- kiln measured: commit {', '.join(f'`{r}`' for r in revs)} (built from a `git archive` of it); "
+      "llama.cpp: the copy vendored in the llama-cpp-python 0.3.36 sdist")
     w("- Shared: another engineer's builds and a QEMU VM ran on the same 2 cores at times during the run")
     w("  (the load average before and after each section is listed below). Interleaving keeps each ratio")
     w("  fair; absolute figures are noisier than on an idle machine.")

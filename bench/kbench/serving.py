@@ -313,7 +313,7 @@ def concurrency(ctx, rounds, levels=(1, 2, 4, 8), per_client=3, max_tokens=64):
                         toks.append(res["completion_tokens"])
 
         t0 = time.perf_counter()
-        ts = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+        ts = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(n)]
         for t in ts:
             t.start()
         for t in ts:
@@ -329,6 +329,7 @@ def concurrency(ctx, rounds, levels=(1, 2, 4, 8), per_client=3, max_tokens=64):
         for r in range(rounds):
             ctx.quiet()
             a = burst(k.url, n)
+            ctx.quiet()
             b = burst(ls.url, n)
             kt.append(a["tps"]), lt.append(b["tps"]), kp.append(a["p99_ms"]), lp.append(b["p99_ms"])
             k429 += a["codes"].get(429, 0)
