@@ -23,7 +23,7 @@ def fmt(v, unit=None):
     if v is None:
         return "-"
     if unit == "ratio":
-        return f"{v:.3f}"
+        return f"{v:.3f}" if v >= 0.01 else f"{v:.2g}"
     if abs(v) >= 100:
         return f"{v:,.0f}"
     if abs(v) >= 10:
@@ -86,8 +86,9 @@ def write(repo, results_dir, order, machine, commands):
     w(f"- RAM: {machine['ram_gib']} GiB; cgroups {machine['cgroups']}; Debian {machine.get('debian', '?')}")
     w(f"- Kernel: `{machine['kernel']}`")
     revs = sorted({s.get("revision") or "unknown" for s in sections})
-    w(f"- kiln measured: commit {', '.join(f'`{r}`' for r in revs)} (built from a `git archive` of it); "
-      "llama.cpp: the copy vendored in the llama-cpp-python 0.3.36 sdist")
+    w(f"- kiln measured: commit {', '.join(f'`{r}`' for r in revs)} (built from a `git archive` of it)")
+    w(f"- llama.cpp: {os.environ.get('KILN_BENCH_ENGINES', 'see the commands below')}. The two are not the same")
+    w("  llama.cpp release, so every serving ratio includes the engine's own version difference.")
     w("- Shared: another engineer's builds and a QEMU VM ran on the same 2 cores at times during the run")
     w("  (the load average before and after each section is listed below). Interleaving keeps each ratio")
     w("  fair; absolute figures are noisier than on an idle machine.")
@@ -95,12 +96,12 @@ def write(repo, results_dir, order, machine, commands):
     w("Before each round the harness waits (up to a minute) for the CPUs to be at least 80% idle;")
     w("the idle fraction it saw last is summarized per section (1.00 = nothing else running).")
     w("")
-    w("| section | rounds | run (UTC) | load average before -> after | CPU idle before rounds: median (min) |")
-    w("|---|---|---|---|---|")
+    w("| section | kiln commit | rounds | run (UTC) | load average before -> after | CPU idle before rounds: median (min) |")
+    w("|---|---|---|---|---|---|")
     for s in sections:
         idle = s.get("idle_before_rounds") or []
         idle_txt = f"{sorted(idle)[len(idle) // 2]:.2f} ({min(idle):.2f})" if idle else "-"
-        w(f"| {TITLES.get(s['section'], s['section'])} | {s['rounds']} | {s['started']} – {s['finished'][11:]} | "
+        w(f"| {TITLES.get(s['section'], s['section'])} | {(s.get('revision') or '?')[:10]} | {s['rounds']} | {s['started']} – {s['finished'][11:]} | "
           f"{s['loadavg_before']} -> {s['loadavg_after']} | {idle_txt} |")
     w("")
     w("## Targets")
