@@ -37,10 +37,14 @@ class Ctx:
         self.mounts, self._kilnd, self._llama = [], None, None
         self.idle = []
         self.quiet_wait = float(os.environ.get("BENCH_QUIET_WAIT", "60"))
+        self.quiet_budget = float(os.environ.get("BENCH_QUIET_BUDGET", "1200"))
 
     def quiet(self):
-        """Before a round: wait for the shared machine to be mostly idle; record how idle it was."""
-        idle = procs.wait_quiet(0.8, self.quiet_wait)
+        """Before a round: wait for the shared machine to be mostly idle (within a total budget
+        for the whole run, BENCH_QUIET_BUDGET seconds); record how idle it was."""
+        t0 = time.perf_counter()
+        idle = procs.wait_quiet(0.8, min(self.quiet_wait, max(self.quiet_budget, 0)))
+        self.quiet_budget -= time.perf_counter() - t0
         self.idle.append(round(idle, 2))
 
     def log(self, msg):
