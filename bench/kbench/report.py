@@ -172,23 +172,27 @@ def chart(rows, path):
         return
     # Oriented so that right of 1.0 is always better for kiln.
     vals = [r["ratio"] if r["better"] == "higher" else 1 / r["ratio"] for r in rs]
-    labels = [f"{r['name']} (vs {r['peer']})" for r in rs]
+    labels = [r["name"] if r["peer"].split()[0] in r["name"] else f"{r['name']} [{r['peer']}]" for r in rs]
     colors = []
     for r in rs:
         met = r.get("target_met")
         colors.append("#2a7" if met else "#c33" if met is False else "#58a")
-    fig, ax = plt.subplots(figsize=(11, 0.36 * len(rs) + 1.6))
-    y = range(len(rs))
-    ax.barh(list(y), vals, color=colors)
+    lo, hi = 0.2, 50.0
+    fig, ax = plt.subplots(figsize=(12, 0.32 * len(rs) + 1.4))
+    y = list(range(len(rs)))
+    ax.barh(y, [min(max(v, lo), hi) for v in vals], color=colors)
     ax.set_xscale("log")
+    ax.set_xlim(lo, hi * 3)
     ax.axvline(1.0, color="black", lw=0.8)
-    ax.set_yticks(list(y))
+    ax.set_yticks(y)
     ax.set_yticklabels(labels, fontsize=8)
     ax.invert_yaxis()
     for i, v in enumerate(vals):
-        ax.text(v, i, f" {v:.2f}x", va="center", fontsize=7)
-    ax.set_xlabel("kiln's advantage over the peer (x, log scale; >1 = kiln better). green: target met, red: missed")
-    ax.set_title("kiln vs peers: ratios of medians from the same run")
+        ax.text(min(max(v, lo), hi), i, f" {v:,.2f}x" + (" (off scale)" if v > hi or v < lo else ""), va="center",
+                fontsize=7)
+    ax.set_xlabel("kiln's advantage (x, log scale): > 1 kiln better, < 1 the peer better")
+    ax.set_title("kiln vs peers, ratios of medians from the same run (green: target met, red: missed, blue: no target)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
