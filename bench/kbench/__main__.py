@@ -24,7 +24,7 @@ SECTIONS = {
     "prewarm": storage.prewarm,
     "builder": storage.builder,
 }
-ROUNDS = {"builder": 3, "concurrency": 2}
+ROUNDS = {"builder": 3, "concurrency": 3}
 
 
 class Ctx:

@@ -271,3 +271,40 @@ def wait_quiet(min_idle, max_wait):
     while idle < min_idle and time.perf_counter() < deadline:
         idle = cpu_idle()
     return idle
+
+
+def _busy_jiffies():
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return sum(v[:8]) - v[3] - v[4]
+
+
+def _tree_jiffies(pids):
+    total = 0
+    for pid in pids:
+        for p in [pid, *children(pid)]:
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+            except (OSError, IndexError, ValueError):
+                pass
+    return total
+
+
+class ForeignLoad:
+    """CPU that processes other than ours (the servers under test, their workers, this harness)
+    used over an interval, in cores: the shared machine's interference during a measurement."""
+
+    def __init__(self, pids):
+        self.pids = pids
+        self.hz = os.sysconf("SC_CLK_TCK")
+        self.t0 = time.perf_counter()
+        self.busy0, self.ours0 = _busy_jiffies(), _tree_jiffies(pids)
+        self.self0 = sum(os.times()[:2])
+
+    def cores(self):
+        dt = time.perf_counter() - self.t0
+        busy = _busy_jiffies() - self.busy0
+        ours = _tree_jiffies(self.pids) - self.ours0 + (sum(os.times()[:2]) - self.self0) * self.hz
+        return max(0.0, (busy - ours) / self.hz / dt) if dt > 0 else 0.0

@@ -325,12 +325,26 @@ def concurrency(ctx, rounds, levels=(1, 2, 4, 8), per_client=3, max_tokens=64):
     for n in levels:
         ls = procs.LlamaServer(ctx.llama_server, ctx.model, port, ["-c", str(2048 * n), "-np", str(n)])
         check(Conn(ls.url).stream(CHAT, chat(story(-2), 8, **SAMPLING)), "warm")
-        kt, lt, kp, lp, k429, l429, kerr, lerr = [], [], [], [], 0, 0, 0, 0
+        kt, lt, kp, lp, k429, l429, kerr, lerr, foreign = [], [], [], [], 0, 0, 0, 0, []
+        retried = 0
         for r in range(rounds):
-            ctx.quiet()
-            a = burst(k.url, n)
-            ctx.quiet()
-            b = burst(ls.url, n)
+            # A round whose bursts met other work on the machine (more than a third of a core
+            # that is not ours) is run again, up to twice: a shared 2-core machine otherwise
+            # decides these figures.
+            for attempt in range(3):
+                ctx.quiet()
+                fa = procs.ForeignLoad([k.pid])
+                a = burst(k.url, n)
+                fa = fa.cores()
+                ctx.quiet()
+                fb = procs.ForeignLoad([ls.pid])
+                b = burst(ls.url, n)
+                fb = fb.cores()
+                if max(fa, fb) <= 0.33 or attempt == 2:
+                    break
+                retried += 1
+                ctx.log(f"concurrency {n} round {r}: other work on the machine ({fa:.2f}/{fb:.2f} cores), again")
+            foreign.append(round(max(fa, fb), 2))
             kt.append(a["tps"]), lt.append(b["tps"]), kp.append(a["p99_ms"]), lp.append(b["p99_ms"])
             k429 += a["codes"].get(429, 0)
             l429 += b["codes"].get(429, 0)
@@ -340,9 +354,11 @@ def concurrency(ctx, rounds, levels=(1, 2, 4, 8), per_client=3, max_tokens=64):
                     f"| llama-server {b['tps']:.1f} tok/s p99 {b['p99_ms']:.0f} ms {b['codes']}")
         ls.stop()
         note = (f"{n} clients x {per_client} requests, max_tokens {max_tokens}; 429s kilnd {k429} llama-server "
-                f"{l429}; other errors kilnd {kerr} llama-server {lerr}; llama-server -np {n} -c {2048 * n}")
+                f"{l429}; other errors kilnd {kerr} llama-server {lerr}; llama-server -np {n} -c {2048 * n}; "
+                f"rounds run again for other work on the machine: {retried}; other work during the kept rounds "
+                f"(cores): {foreign}")
         rows.append(comparison(f"concurrency {n}: throughput", "tok/s", "higher", kt, "llama-server", lt, None, note))
         rows.append(comparison(f"concurrency {n}: p99 latency", "ms", "lower", kp, "llama-server", lp, None, note))
         raw[n] = {"kilnd_tps": kt, "llama_tps": lt, "kilnd_p99": kp, "llama_p99": lp, "k429": k429, "l429": l429,
-                  "kerr": kerr, "lerr": lerr}
+                  "kerr": kerr, "lerr": lerr, "foreign_cores": foreign, "retried": retried}
     return rows, raw
