@@ -29,7 +29,7 @@ const PROC_SWAPS: &str = "/proc/swaps";
 const SYSFS_SECTOR_BYTES: u64 = 512;
 
 /// What to flash where.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct FlashOptions {
     pub image: PathBuf,
     /// The block map; `None` uses IMAGE.bmap when it exists, else maps the image in memory.
@@ -37,6 +37,9 @@ pub struct FlashOptions {
     pub target: PathBuf,
     /// Skip the confirmation (`--yes`); the safety checks still run.
     pub assume_yes: bool,
+    /// Set (by a SIGINT/SIGTERM handler) to stop: the target's head is then wiped as after
+    /// any other failure, so an interrupted flash never leaves a disk that boots half-written.
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// What the target is, as shown before asking for confirmation.
@@ -99,6 +102,8 @@ pub enum FlashError {
         #[source]
         source: io::Error,
     },
+    #[error("interrupted")]
+    Interrupted,
     #[error("reading {path}")]
     Read {
         path: PathBuf,
@@ -239,8 +244,16 @@ pub fn flash(
 
     let target = open_target(&info, bmap.image_size)?;
     let started = Instant::now();
-    let mut job =
-        Job { image: &image, image_path: &opts.image, target: &target, info: &info, bmap: &bmap, done: 0, progress };
+    let mut job = Job {
+        image: &image,
+        image_path: &opts.image,
+        target: &target,
+        info: &info,
+        bmap: &bmap,
+        done: 0,
+        progress,
+        cancel: opts.cancel.as_deref(),
+    };
     let verified_ranges = match job.write_and_verify() {
         Ok(n) => n,
         Err(cause) => {
@@ -313,6 +326,7 @@ struct Job<'a> {
     bmap: &'a Bmap,
     done: u64,
     progress: &'a dyn Fn(u64, u64),
+    cancel: Option<&'a std::sync::atomic::AtomicBool>,
 }
 
 impl Job<'_> {
@@ -347,9 +361,13 @@ impl Job<'_> {
         Ok(parts.len())
     }
 
-    fn tick(&mut self, bytes: u64) {
+    fn tick(&mut self, bytes: u64) -> Result<(), FlashError> {
         self.done += bytes;
         (self.progress)(self.done, 2 * self.bmap.mapped_bytes());
+        match self.cancel {
+            Some(c) if c.load(std::sync::atomic::Ordering::SeqCst) => Err(FlashError::Interrupted),
+            _ => Ok(()),
+        }
     }
 
     /// Copies image bytes `[start, end)` to the same offset of the target.
@@ -363,7 +381,7 @@ impl Job<'_> {
             let write_err = |source| FlashError::Write { path: self.info.path.clone(), source };
             self.target.write_all_at(&buf[..n], off).map_err(write_err)?;
             off += n as u64;
-            self.tick(n as u64);
+            self.tick(n as u64)?;
         }
         Ok(())
     }
@@ -393,7 +411,7 @@ impl Job<'_> {
             bmap::hash_file_range(h, f, off, stop)
                 .map_err(|source| FlashError::Read { path: path.to_path_buf(), source })?;
             if count {
-                self.tick(stop - off);
+                self.tick(stop - off)?;
             }
             off = stop;
         }
@@ -420,7 +438,7 @@ impl Job<'_> {
         };
         read(self.image, self.image_path, &mut want)?;
         read(self.target, &self.info.path, &mut got)?;
-        self.tick(len as u64);
+        self.tick(len as u64)?;
         Ok(want == got)
     }
 }

@@ -252,7 +252,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Flash { image, target, bmap, yes } => {
-            let opts = kiln_builder::flash::FlashOptions { image, bmap, target, assume_yes: yes };
+            // Ctrl-C or a TERM stops the copy and wipes the target's head (a second one kills).
+            let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                signal_hook::flag::register_conditional_default(sig, cancel.clone())
+                    .context("installing the signal handler")?;
+                signal_hook::flag::register(sig, cancel.clone()).context("installing the signal handler")?;
+            }
+            let opts = kiln_builder::flash::FlashOptions { image, bmap, target, assume_yes: yes, cancel: Some(cancel) };
             let report = kiln_builder::flash::flash(&opts, &mut ui::confirm_target, &ui::flash_progress())?;
             println!(
                 "flashed {} to {}: {} MiB written and verified ({} ranges) in {:.1}s",

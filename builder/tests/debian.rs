@@ -393,4 +393,18 @@ fn deploys(
     let listing = String::from_utf8_lossy(&kiln(&gens_args).stdout).into_owned();
     assert!(!listing.contains(" 4 "), "{listing}");
     assert_eq!(g.run("cat /proc/sys/vm/swappiness").trim(), "20");
+
+    // 4. Back by hand: `kiln rollback` skips the failed generation 3 and returns to 1.
+    let mut rb = vec!["rollback".to_string()];
+    rb.extend(g.ssh_args());
+    let out = kiln(&rb);
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    eprintln!("kiln {}:\n{said}", rb.join(" "));
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("generation 1 is active and healthy"), "{said}");
+    assert_eq!(g.run("cat /proc/sys/vm/swappiness").trim(), "10");
+    let s = status();
+    assert_eq!(s["generation"]["number"], 1, "{s}");
+    let ids: Vec<&str> = s["models"].as_array().unwrap().iter().filter_map(|m| m["id"].as_str()).collect();
+    assert_eq!(ids, ["smollm2-135m"], "{s}");
 }

@@ -60,7 +60,7 @@ fn run(cmd: &mut Command) -> std::process::Output {
 }
 
 fn opts(image: &Path, target: &Path) -> FlashOptions {
-    FlashOptions { image: image.into(), bmap: None, target: target.into(), assume_yes: true }
+    FlashOptions { image: image.into(), bmap: None, target: target.into(), assume_yes: true, cancel: None }
 }
 
 fn never_asked(_: &TargetInfo) -> bool {
@@ -200,6 +200,33 @@ fn flash_asks_first_and_writes_nothing_on_no() {
     let asked = asked.unwrap();
     assert!(!asked.is_block_device && asked.size_bytes == 0 && asked.path == target);
     assert!(!target.exists());
+}
+
+/// Ctrl-C mid-way (what kiln's SIGINT/SIGTERM handler sets): the copy stops and the head of a
+/// disk that held a bootable image before is wiped, so neither image boots from it.
+#[test]
+fn an_interrupted_flash_wipes_the_old_partition_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = sparse_image(dir.path());
+    let target = dir.path().join("target.img");
+    flash::flash(&opts(&image, &target), &mut never_asked, &|_, _| {}).unwrap();
+    let mut head = vec![0u8; 4096];
+    File::open(&target).unwrap().read_exact_at(&mut head, 0).unwrap();
+    assert!(head.iter().any(|&b| b != 0), "the first flash wrote the head");
+
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let o = FlashOptions { cancel: Some(cancel.clone()), ..opts(&image, &target) };
+    let progress = |done: u64, _: u64| {
+        if done > 0 {
+            cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    };
+    let err = flash::flash(&o, &mut never_asked, &progress).unwrap_err();
+    let FlashError::Wiped { cause, .. } = &err else { panic!("{err:?}") };
+    assert!(matches!(**cause, FlashError::Interrupted), "{cause:?}");
+    let mut head = vec![0xEEu8; MIB as usize];
+    File::open(&target).unwrap().read_exact_at(&mut head, 0).unwrap();
+    assert!(head.iter().all(|&b| b == 0), "the old head survived an interrupted flash");
 }
 
 /// An image edited after its bmap was made: verification fails and the head is wiped.

@@ -29,7 +29,6 @@ pub struct Plan {
     pub sysctl_reload: bool,
     pub hostname: bool,
     pub restart_units: BTreeSet<String>,
-    pub reload_kilnd: bool,
     pub restart_kilnd: bool,
     /// Paths whose change only takes effect after a reboot.
     pub reboot_for: Vec<String>,
@@ -53,7 +52,6 @@ impl Plan {
             Effect::TmpfilesSysusers => self.sysusers_tmpfiles = true,
             Effect::RestartUnit => self.restart_units.extend(e.units.iter().cloned()),
             Effect::Hostname => self.hostname = true,
-            Effect::ReloadKilnd => self.reload_kilnd = true,
             Effect::RestartKilnd => self.restart_kilnd = true,
             Effect::Reboot => self.reboot_for.push(e.path.clone()),
         }
@@ -106,7 +104,6 @@ pub fn diff(old: &Manifest, new: &Manifest) -> Plan {
     }
     plan.changes.sort_by(|a, b| a.path.cmp(&b.path));
     if plan.restart_kilnd {
-        plan.reload_kilnd = false;
         plan.restart_units.remove("kilnd.service");
     }
     plan
@@ -133,7 +130,7 @@ impl fmt::Display for Plan {
             writeln!(f, "  systemctl daemon-reload")?;
         }
         if self.sysctl_reload {
-            writeln!(f, "  sysctl --system")?;
+            writeln!(f, "  systemctl restart systemd-sysctl.service (applies /etc/sysctl.d)")?;
         }
         if self.hostname {
             writeln!(f, "  hostnamectl hostname \"$(cat /etc/hostname)\"")?;
@@ -144,8 +141,6 @@ impl fmt::Display for Plan {
         }
         if self.restart_kilnd {
             writeln!(f, "  systemctl restart kilnd.service")?;
-        } else if self.reload_kilnd {
-            writeln!(f, "  systemctl reload kilnd.service (re-reads /etc/kiln/spec.yaml)")?;
         }
         if self.needs_reboot() {
             writeln!(f, "  reboot: {} only take(s) effect at boot", self.reboot_for.join(", "))?;
@@ -156,7 +151,6 @@ impl fmt::Display for Plan {
             || self.hostname
             || !self.restart_units.is_empty()
             || self.restart_kilnd
-            || self.reload_kilnd
             || self.needs_reboot())
         {
             writeln!(f, "  nothing beyond writing the files")?;

@@ -649,3 +649,41 @@ fn loading_a_model_unloads_an_idle_one_when_the_inference_cgroup_is_full() {
         assert!(e.iter().any(|e| e["REASON"] == "making room for second"), "{e:?}");
     }
 }
+
+#[test]
+fn an_idle_worker_is_unloaded_when_its_keep_alive_expires_and_reloaded_on_demand() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = device(tmp.path(), "");
+    let text = std::fs::read_to_string(&spec).unwrap().replace("cache:\n", "cache:\n  keep-alive: 3s\n");
+    std::fs::write(&spec, text).unwrap();
+    let k = Kilnd::start(&spec, tmp.path());
+    let ask = |p: &str| k.post("/v1/completions", &json!({"prompt": p, "max_tokens": 2, "temperature": 0.7}));
+    assert_eq!(ask("Hi").0, 200);
+    let w = k.worker();
+    assert_eq!((w["state"].as_str(), w["loads"].as_u64()), (Some("loaded"), Some(1)), "{w}");
+    // Requests keep it alive: the keep-alive counts from the end of the last one.
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(ask("Hello").0, 200);
+    }
+    let w = k.worker();
+    assert_eq!(
+        (w["state"].as_str(), w["loads"].as_u64(), w["unloads"].as_u64()),
+        (Some("loaded"), Some(1), Some(0)),
+        "{w}"
+    );
+    let started = Instant::now();
+    let w = loop {
+        let w = k.worker();
+        if w["state"] == "unloaded" {
+            break w;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "still loaded 20s after a 3s keep-alive: {w}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(started.elapsed() >= Duration::from_secs(2), "unloaded before its keep-alive: {w}");
+    assert_eq!(w["unloads"], 1, "{w}");
+    assert_eq!(ask("Hi").0, 200);
+    let w = k.worker();
+    assert_eq!((w["state"].as_str(), w["loads"].as_u64()), (Some("loaded"), Some(2)), "{w}");
+}

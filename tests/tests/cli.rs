@@ -81,8 +81,8 @@ fn diff_explains_what_an_edit_takes() {
         "~ /boot/firmware/config.txt (content)",
         "~ /etc/sysctl.d/90-kiln.conf (content)",
         "~ /etc/kiln/spec.yaml (content)",
-        "sysctl --system",
-        "systemctl reload kilnd.service",
+        "systemctl restart systemd-sysctl.service",
+        "systemctl restart kilnd.service",
         "reboot: /boot/firmware/config.txt",
     ] {
         assert!(stdout.contains(expected), "missing `{expected}` in\n{stdout}");

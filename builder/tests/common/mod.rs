@@ -74,7 +74,8 @@ pub fn kilnd_aarch64(test: &str) -> Option<PathBuf> {
         if !status.success() {
             return None;
         }
-        Some(repo().join("target/aarch64-unknown-linux-gnu/debug/kilnd"))
+        let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo().join("target"), PathBuf::from);
+        Some(target.join("aarch64-unknown-linux-gnu/debug/kilnd"))
     });
     if available(
         test,

@@ -49,7 +49,9 @@ pub enum Effect {
     RestartUnit,
     /// `hostnamectl hostname` from /etc/hostname.
     Hostname,
-    ReloadKilnd,
+    /// kilnd has no reload: its spec, unit and environment take a restart (manifests written
+    /// before this said `reload-kilnd` for the spec).
+    #[serde(alias = "reload-kilnd")]
     RestartKilnd,
     /// Boot files (config.txt, cmdline.txt, zram size): needs a reboot.
     Reboot,
