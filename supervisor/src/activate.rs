@@ -527,12 +527,13 @@ fn unit_props() -> std::collections::BTreeMap<String, String> {
 }
 
 fn journal_tail() -> String {
-    let out = Command::new("journalctl").args(["-u", KILND_UNIT, "-n", "8", "--no-pager", "-o", "cat"]).output();
-    let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    if lines.is_empty() {
-        "(no journal lines)".into()
-    } else {
-        format!("last journal lines:\n  {}", lines.join("\n  "))
-    }
+    let lines = |args: &[&str]| -> Vec<String> {
+        let out = Command::new("journalctl").args(["-u", KILND_UNIT, "--no-pager", "-o", "cat"]).args(args).output();
+        let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+        text.lines().filter(|l| !l.trim().is_empty()).map(str::to_owned).collect()
+    };
+    // kilnd's own errors say why (e.g. `cannot listen on ...`); systemd's lines say what followed.
+    let mut all = lines(&["-p", "err", "-n", "3"]);
+    all.extend(lines(&["-n", "5"]));
+    if all.is_empty() { "(no journal lines)".into() } else { format!("last journal lines:\n  {}", all.join("\n  ")) }
 }
