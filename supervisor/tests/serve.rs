@@ -392,7 +392,10 @@ fn a_killed_worker_fails_its_request_with_503_and_is_restarted() {
     assert_eq!(status, 503, "{body}");
     assert!(retry_after);
     assert!(body.contains("exited during the request") && body.contains("signal: 9"), "{body}");
-    // The next request loads a new worker.
+    let w = k.worker();
+    assert_eq!(w["state"], "failed", "{w}");
+    assert!(w["phase"].as_str().unwrap().starts_with("failed ("), "{w}");
+    // The next request loads a new worker (the state machine's Retry, then a load).
     let (s, body, _) = k.post("/v1/completions", &json!({"prompt": "Hello", "max_tokens": 2}));
     assert_eq!(s, 200, "{body}");
     let w = k.worker();
@@ -661,6 +664,7 @@ fn an_idle_worker_is_unloaded_when_its_keep_alive_expires_and_reloaded_on_demand
     assert_eq!(ask("Hi").0, 200);
     let w = k.worker();
     assert_eq!((w["state"].as_str(), w["loads"].as_u64()), (Some("loaded"), Some(1)), "{w}");
+    assert!(w["phase"].as_str().unwrap().starts_with("loaded from the "), "{w}");
     // Requests keep it alive: the keep-alive counts from the end of the last one.
     for _ in 0..3 {
         std::thread::sleep(Duration::from_millis(1500));
@@ -683,6 +687,7 @@ fn an_idle_worker_is_unloaded_when_its_keep_alive_expires_and_reloaded_on_demand
     };
     assert!(started.elapsed() >= Duration::from_secs(2), "unloaded before its keep-alive: {w}");
     assert_eq!(w["unloads"], 1, "{w}");
+    assert!(matches!(w["phase"].as_str(), Some("stored" | "hot")), "the state machine's idle state: {w}");
     assert_eq!(ask("Hi").0, 200);
     let w = k.worker();
     assert_eq!((w["state"].as_str(), w["loads"].as_u64()), (Some("loaded"), Some(2)), "{w}");

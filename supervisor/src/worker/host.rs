@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use super::{ErrorKind, Event, Finish, ModelInfo, Request, Sampling};
 use crate::cgroup::{CgroupBackend, CgroupHandle, MemoryEvents};
 use crate::log::message_id;
+use crate::policy::state::{Event as StateEvent, ModelState};
 
 /// What the HTTP handler receives for a job.
 #[derive(Debug, Clone, PartialEq)]
@@ -60,9 +61,14 @@ pub struct Job {
 }
 
 /// What /status shows about a model's worker.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Runtime {
+    /// `unloaded`, `loading`, `loaded`, `unloading` or `failed`: the phase of [`Runtime::phase`].
     pub state: &'static str,
+    /// The model's state machine (policy::state): every change of `state` is one of its
+    /// transitions, so a sequence it does not allow is reported instead of shown.
+    #[serde(serialize_with = "display")]
+    pub phase: ModelState,
     pub pid: Option<u32>,
     pub info: Option<ModelInfo>,
     pub gguf: Option<PathBuf>,
@@ -79,6 +85,68 @@ pub struct Runtime {
     /// Seconds since the epoch.
     pub last_used: Option<u64>,
     pub last_error: Option<String>,
+}
+
+impl Default for Runtime {
+    fn default() -> Runtime {
+        Runtime {
+            state: "unloaded",
+            phase: ModelState::Stored,
+            pid: None,
+            info: None,
+            gguf: None,
+            loaded_from: None,
+            requests: 0,
+            failures: 0,
+            restarts: 0,
+            cancelled: 0,
+            loads: 0,
+            unloads: 0,
+            busy: false,
+            queued: 0,
+            last_used: None,
+            last_error: None,
+        }
+    }
+}
+
+fn display<S: serde::Serializer>(v: &ModelState, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+impl Runtime {
+    /// Applies `event` to the model's state machine; `state` follows its phase. A transition
+    /// the machine refuses leaves both as they were and is logged (a kilnd bug, not a panic).
+    pub fn transition(&mut self, model: &str, event: StateEvent) {
+        match self.phase.apply(event) {
+            Ok(next) => {
+                self.state = match &next {
+                    ModelState::Loading(_) => "loading",
+                    ModelState::Loaded(_) => "loaded",
+                    ModelState::Unloading(_) => "unloading",
+                    ModelState::Failed { .. } => "failed",
+                    _ => "unloaded",
+                };
+                self.phase = next;
+            }
+            Err(e) => tracing::warn!(model = %model, "state machine: {e}"),
+        }
+    }
+
+    /// Before a load: a failed model is retried, and the tier the weights will be mapped from
+    /// (the hot tier when a copy is there) is what the engine found, which prewarm and
+    /// eviction may have changed since the last load.
+    fn prepare_load(&mut self, model: &str, hot: bool) {
+        if matches!(self.phase, ModelState::Failed { .. }) {
+            self.transition(model, StateEvent::Retry);
+        }
+        match (&self.phase, hot) {
+            (ModelState::Stored, true) => self.transition(model, StateEvent::Promoted),
+            (ModelState::Hot, false) => self.transition(model, StateEvent::Demoted),
+            _ => {}
+        }
+        self.transition(model, StateEvent::LoadStarted);
+    }
 }
 
 /// Admission control's answer for a model that wants to load.
@@ -225,11 +293,12 @@ impl Task {
     /// Stops the worker; its memory goes back (the weights stay in the hot tier/page cache).
     pub async fn unload(&mut self, why: &str) {
         if let Some(mut p) = self.proc.take() {
+            self.rt().transition(&self.cfg.model_id, StateEvent::UnloadStarted);
             drop(p.write);
             let _ = p.child.start_kill();
             let _ = p.child.wait().await;
             let mut rt = self.rt();
-            rt.state = "unloaded";
+            rt.transition(&self.cfg.model_id, StateEvent::Unloaded);
             rt.pid = None;
             rt.unloads += 1;
             self.cfg.metrics.evictions.get_or_create(&crate::metrics::Metrics::model(&self.cfg.model_id)).inc();
@@ -275,7 +344,7 @@ impl Task {
                     self.bump_backoff();
                     {
                         let mut rt = self.rt();
-                        rt.state = "failed";
+                        rt.transition(&self.cfg.model_id, StateEvent::LoadFailed(message.clone()));
                         rt.last_error = Some(message.clone());
                         rt.failures += 1;
                     }
@@ -428,7 +497,7 @@ impl Task {
             }
         }
         let mut rt = self.rt();
-        rt.state = "failed";
+        rt.transition(&self.cfg.model_id, StateEvent::Crashed(how.clone()));
         rt.pid = None;
         how
     }
@@ -446,10 +515,7 @@ impl Task {
                 ));
             }
         };
-        {
-            let mut rt = self.rt();
-            rt.state = "loading";
-        }
+        self.rt().prepare_load(&c.model_id, from == "hot");
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().context("creating the worker socket")?;
         let mut cmd = tokio::process::Command::new(&c.exe);
         cmd.arg("worker")
@@ -496,7 +562,7 @@ impl Task {
                     c.model_id, info.load_ms, info.rss_anon_bytes >> 20, info.rss_file_bytes >> 20
                 );
                 let mut rt = self.rt();
-                rt.state = "loaded";
+                rt.transition(&c.model_id, StateEvent::LoadFinished);
                 rt.pid = Some(pid);
                 rt.info = Some(info);
                 rt.gguf = Some(gguf);
