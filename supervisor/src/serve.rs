@@ -221,7 +221,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
         let state = state.clone();
         std::thread::Builder::new()
             .name("supervise".into())
-            .spawn(move || supervise(&args, &engine, &placement, &state, &stop))
+            .spawn(move || supervise(&args, &engine, &placement, &state, &stop, addr))
             .context("starting the supervision thread")?
     };
     let app = router(state.clone());
@@ -258,8 +258,19 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
 
 /// Every few seconds: memory pressure, prewarm (yielding to requests), prefix cache pruning,
 /// systemd status.
-fn supervise(args: &RunArgs, engine: &Arc<Mutex<Engine>>, placement: &Placement, state: &AppState, stop: &AtomicBool) {
+fn supervise(
+    args: &RunArgs,
+    engine: &Arc<Mutex<Engine>>,
+    placement: &Placement,
+    state: &AppState,
+    stop: &AtomicBool,
+    addr: std::net::SocketAddr,
+) {
     let mut last_stats = Instant::now();
+    // How often the cache statistics are logged (KILND_STATS_INTERVAL_SECS: tests use seconds).
+    let stats_every = Duration::from_secs(
+        std::env::var("KILND_STATS_INTERVAL_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(300).max(1),
+    );
     let mut prewarm_done_for_window = false;
     let mut at_boot = state.spec.cache.prewarm.at_boot;
     while !stop.load(Ordering::SeqCst) {
@@ -355,14 +366,20 @@ fn supervise(args: &RunArgs, engine: &Arc<Mutex<Engine>>, placement: &Placement,
         {
             prune_prefix_cache(&dir, state.spec.cache.prefix.size_bytes, state.spec.cache.prefix.ttl_secs);
         }
-        if last_stats.elapsed() > Duration::from_secs(300) {
+        if last_stats.elapsed() >= stats_every {
             last_stats = Instant::now();
             let s = crate::server::status_json(state);
+            let rc = &s["response_cache"];
             tracing::info!(
                 message_id = message_id::CACHE_STATS,
-                hits = %s["response_cache"]["hits"],
-                misses = %s["response_cache"]["misses"],
-                "response cache: {} hits, {} misses", s["response_cache"]["hits"], s["response_cache"]["misses"]
+                address = %addr,
+                hits = %rc["hits"],
+                misses = %rc["misses"],
+                memory_bytes = %rc["memory_bytes"],
+                disk_bytes = %rc["disk_bytes"],
+                hot_bytes = %s["hot_tier"]["used_bytes"],
+                "response cache: {} hits, {} misses ({} B in memory, {} B on disk); hot tier {} B",
+                rc["hits"], rc["misses"], rc["memory_bytes"], rc["disk_bytes"], s["hot_tier"]["used_bytes"]
             );
         }
         let loaded_ids: Vec<String> =

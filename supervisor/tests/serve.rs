@@ -692,3 +692,34 @@ fn an_idle_worker_is_unloaded_when_its_keep_alive_expires_and_reloaded_on_demand
     let w = k.worker();
     assert_eq!((w["state"].as_str(), w["loads"].as_u64()), (Some("loaded"), Some(2)), "{w}");
 }
+
+#[test]
+fn cache_statistics_are_logged_periodically() {
+    let journal = common::journald("cache_statistics_are_logged_periodically");
+    if !journal {
+        return;
+    }
+    let since = common::since();
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = device(tmp.path(), "");
+    // KILND_STATS_INTERVAL_SECS=1 instead of every 5 minutes (kilnd checks every ~5 s).
+    let k = Kilnd::try_start_with(&spec, tmp.path(), "127.0.0.1:0", &[("KILND_STATS_INTERVAL_SECS", Path::new("1"))])
+        .unwrap();
+    let body = json!({"prompt": "Hi", "max_tokens": 2, "temperature": 0});
+    assert_eq!(k.post("/v1/completions", &body).0, 200);
+    assert_eq!(k.post("/v1/completions", &body).0, 200);
+    let address = k.url.trim_start_matches("http://").to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let entries = common::journal_matching(
+            kiln_supervisor::log::message_id::CACHE_STATS,
+            &format!("ADDRESS={address}"),
+            &since,
+        );
+        if entries.iter().any(|e| e["HITS"] == "1" && e["MISSES"] == "1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no CACHE_STATS entry with 1 hit and 1 miss for {address}: {entries:?}");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}

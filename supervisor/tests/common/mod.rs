@@ -47,18 +47,15 @@ pub fn journald(test: &str) -> bool {
 /// Journal entries with this MESSAGE_ID for this model, as JSON objects. journald reads its
 /// socket on its own schedule: ask a few times before concluding there is none.
 pub fn journal(message_id: &str, model: &str, since: &str) -> Vec<serde_json::Value> {
+    journal_matching(message_id, &format!("MODEL={model}"), since)
+}
+
+/// Journal entries with this MESSAGE_ID and the journalctl match `filter` (`FIELD=value`).
+pub fn journal_matching(message_id: &str, filter: &str, since: &str) -> Vec<serde_json::Value> {
     for _ in 0..50 {
         let _ = Command::new("journalctl").arg("--sync").output();
         let out = Command::new("journalctl")
-            .args([
-                "--no-pager",
-                "-o",
-                "json",
-                "--since",
-                since,
-                &format!("MESSAGE_ID={message_id}"),
-                &format!("MODEL={model}"),
-            ])
+            .args(["--no-pager", "-o", "json", "--since", since, &format!("MESSAGE_ID={message_id}"), filter])
             .output()
             .unwrap();
         let entries: Vec<serde_json::Value> =
