@@ -120,7 +120,21 @@ pub fn boot(o: &VmOptions) -> Result<Vm> {
     if !o.image.is_file() {
         bail!("{} does not exist; build it with `kiln build SPEC --out DIR`", o.image.display());
     }
-    let mut cmd = command(o)?;
+    let qemu = command(o)?;
+    // QEMU dies with kiln, however kiln ends (Ctrl-C, kill, kill -9): util-linux's setpriv
+    // sets PR_SET_PDEATHSIG before it runs QEMU. Without setpriv, QEMU is only killed when
+    // kiln exits normally.
+    let program = qemu.get_program().to_string_lossy().into_owned();
+    if crate::tools::find(&program).is_err() {
+        bail!("{program} is not installed (Debian: qemu-system-x86 for x86_64 images, qemu-system-arm for aarch64)");
+    }
+    let mut cmd = if crate::tools::find("setpriv").is_ok() {
+        let mut c = Command::new("setpriv");
+        c.args(["--pdeathsig", "TERM", "--"]).arg(qemu.get_program()).args(qemu.get_args());
+        c
+    } else {
+        qemu
+    };
     let _ = std::fs::remove_file(&o.serial_log);
     let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().with_context(|| {
         format!("starting {:?} (install Debian's qemu-system-x86 / qemu-system-arm)", cmd.get_program())
