@@ -48,6 +48,25 @@ cache:
     return path
 
 
+class _Process:
+    """A server process the harness started (`self.p`)."""
+
+    @property
+    def pid(self):
+        return self.p.pid
+
+
+def terminate(p):
+    """SIGTERM, then SIGKILL after 15 s."""
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 def store_file(state):
     return os.path.join(state, "var/lib/kiln/models", f"{SMOL_SHA}.gguf")
 
@@ -60,7 +79,7 @@ def prefix_dir(state):
     return os.path.join(state, "var/cache/kiln/prefix")
 
 
-class Kilnd:
+class Kilnd(_Process):
     """`kilnd run` on a free loopback port with its own cgroup parent; stopped with SIGTERM."""
 
     def __init__(self, kilnd, spec, state):
@@ -94,18 +113,8 @@ class Kilnd:
             raise RuntimeError("kilnd did not start:\n" + "\n".join(self.log[-40:]))
         self.t_ready = time.perf_counter()
 
-    @property
-    def pid(self):
-        return self.p.pid
-
     def stop(self):
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGTERM)
-            try:
-                self.p.wait(15)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
+        terminate(self.p)
         remove_cgroups(self.parent)
 
 
@@ -129,7 +138,7 @@ def remove_cgroups(parent):
         time.sleep(0.1)
 
 
-class LlamaServer:
+class LlamaServer(_Process):
     """llama-server on a port; `ready` is when /health first answers 200 (after the model loaded)."""
 
     def __init__(self, exe, model, port, args=(), wait=True):
@@ -156,18 +165,8 @@ class LlamaServer:
             time.sleep(poll)
         raise RuntimeError("llama-server did not become ready")
 
-    @property
-    def pid(self):
-        return self.p.pid
-
     def stop(self):
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGTERM)
-            try:
-                self.p.wait(15)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
+        terminate(self.p)
 
 
 def drop_page_cache(*paths):
