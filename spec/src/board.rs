@@ -59,6 +59,8 @@ pub struct Profile {
     pub arm_freq_max_mhz: Option<u32>,
     pub fan_header: bool,
     pub os_reserve: String,
+    /// Which weights llama.cpp repacks on this board's CPU (they then sit in RAM twice).
+    pub cpu_repack: crate::gguf::Repack,
     pub firmware: Firmware,
     pub partitions: Partitions,
 }

@@ -61,9 +61,99 @@ pub struct GgufInfo {
     pub value_length: Option<u64>,
     /// `tokenizer.chat_template`.
     pub chat_template: Option<String>,
+    /// Every tensor's name, type, shape and place, in file order.
+    pub tensors: Vec<TensorInfo>,
+}
+
+/// One tensor of a GGUF file (its info, not its data).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    pub name: String,
+    /// The `ggml_type` number (2 = Q4_0, 3 = Q4_1, 8 = Q8_0, 12 = Q4_K, 20 = IQ4_NL ...).
+    pub ggml_type: u32,
+    /// ne[0] .. ne[n_dims-1]: ne[0] is the row length, ne[1] the number of rows.
+    pub dims: Vec<u64>,
+    /// Offset of its data from the start of the tensor data.
+    pub offset: u64,
+}
+
+/// Which of llama.cpp's CPU weight repacks (ggml-cpu/repack.cpp) the engine applies on a CPU.
+/// A repacked tensor is copied into anonymous memory at load, so its bytes sit in RAM twice:
+/// once in the mapped (page-cached) file, once repacked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Repack {
+    /// No repacking (e.g. Cortex-A72: no dot-product instructions).
+    None,
+    /// x86-64 with AVX2 (kilnd is built for x86-64-v3): Q4_0, Q4_K, IQ4_NL, MXFP4 in 8-row groups.
+    X86Avx2,
+    /// Armv8.2 with dot product, no i8mm (Cortex-A76, the Pi 5): Q4_0, IQ4_NL, MXFP4, Q8_0 in
+    /// 4-row groups; Q4_K, Q5_K, Q6_K in 8-row groups.
+    ArmDotprod,
+}
+
+impl Repack {
+    /// What this process's engine does: decided by the CPU features kilnd (and so the
+    /// llama.cpp inside it) was compiled for.
+    pub fn of_this_build() -> Repack {
+        if cfg!(all(target_arch = "x86_64", target_feature = "avx2")) {
+            Repack::X86Avx2
+        } else if cfg!(all(target_arch = "aarch64", target_feature = "dotprod")) {
+            Repack::ArmDotprod
+        } else {
+            Repack::None
+        }
+    }
+
+    /// The row group a tensor of `ggml_type` is repacked in, or None when it is not.
+    fn rows(self, ggml_type: u32) -> Option<u64> {
+        const Q4_0: u32 = 2;
+        const Q8_0: u32 = 8;
+        const Q4_K: u32 = 12;
+        const Q5_K: u32 = 13;
+        const Q6_K: u32 = 14;
+        const IQ4_NL: u32 = 20;
+        const MXFP4: u32 = 39;
+        match (self, ggml_type) {
+            (Repack::X86Avx2, Q4_0 | Q4_K | IQ4_NL | MXFP4) => Some(8),
+            (Repack::ArmDotprod, Q4_0 | IQ4_NL | MXFP4 | Q8_0) => Some(4),
+            (Repack::ArmDotprod, Q4_K | Q5_K | Q6_K) => Some(8),
+            _ => None,
+        }
+    }
 }
 
 impl GgufInfo {
+    /// Bytes of each tensor's data, in file order: up to the next tensor's offset (or the end).
+    fn tensor_bytes(&self) -> Vec<u64> {
+        let mut offsets: Vec<u64> = self.tensors.iter().map(|t| t.offset).collect();
+        offsets.sort_unstable();
+        self.tensors
+            .iter()
+            .map(|t| {
+                let i = offsets.partition_point(|o| *o <= t.offset);
+                let next = offsets.get(i).copied().unwrap_or(self.tensor_data_bytes);
+                next.saturating_sub(t.offset)
+            })
+            .collect()
+    }
+
+    /// Bytes llama.cpp copies into anonymous memory when it repacks this model's weights for
+    /// `repack`: matrices (2-D or more) of a repacked type whose row count divides into the
+    /// row groups. `token_embd.weight` stays in the mapping (it is read by row lookup, not
+    /// multiplied). Measured: SmolLM2-135M Q4_0 and IQ4_NL on AVX2 add ~57 MiB of anonymous
+    /// memory, Q4_1 and Q8_0 nothing (supervisor/tests/serve.rs checks this against a load).
+    pub fn repacked_bytes(&self, repack: Repack) -> u64 {
+        let sizes = self.tensor_bytes();
+        self.tensors
+            .iter()
+            .zip(sizes)
+            .filter(|(t, _)| t.name != "token_embd.weight" && t.dims.len() >= 2)
+            .filter(|(t, _)| repack.rows(t.ggml_type).is_some_and(|g| t.dims[1] % g == 0))
+            .map(|(_, b)| b)
+            .sum()
+    }
+
     /// Bytes of an f16 K+V cache for `context` tokens:
     /// `block_count * context * head_count_kv * (k_dim + v_dim) * 2`, where k_dim is `key_length`
     /// and v_dim is `value_length`, each defaulting to `embedding_length / head_count`.
@@ -323,21 +413,25 @@ pub fn read_header(path: &Path) -> Result<GgufInfo, GgufError> {
     let head_count = get(ARCH_KEYS[3]);
 
     let mut max_offset = 0;
+    let mut tensors = Vec::new();
     for _ in 0..tensor_count {
         let n = r.str_len(MAX_KEY, "a tensor name")?;
-        r.skip(n, "a tensor name")?;
+        let mut name = vec![0; usize::try_from(n).map_err(|_| r.truncated("a tensor name"))?];
+        r.exact(&mut name, "a tensor name")?;
+        let name = String::from_utf8_lossy(&name).into_owned();
         let n_dims = r.u32("a tensor's dimension count")?;
         if n_dims > 4 {
             return Err(r.invalid(format!("a tensor has {n_dims} dimensions, at most 4 allowed")));
         }
-        r.skip(8 * u64::from(n_dims), "a tensor's dimensions")?;
-        r.u32("a tensor type")?;
+        let dims = (0..n_dims).map(|_| r.u64("a tensor's dimensions")).collect::<Result<Vec<_>, _>>()?;
+        let ggml_type = r.u32("a tensor type")?;
         let offset = r.u64("a tensor offset")?;
         if offset % alignment != 0 {
             let msg = format!("tensor offset {offset} is not a multiple of alignment {alignment}");
             return Err(r.invalid(msg));
         }
         max_offset = max_offset.max(offset);
+        tensors.push(TensorInfo { name, ggml_type, dims, offset });
     }
     let data = r.pos.div_ceil(alignment).checked_mul(alignment).filter(|d| *d <= len);
     let data = match data {
@@ -361,5 +455,6 @@ pub fn read_header(path: &Path) -> Result<GgufInfo, GgufError> {
         name,
         file_type,
         chat_template,
+        tensors,
     })
 }

@@ -173,6 +173,9 @@ pub struct Model {
     pub size_bytes: u64,
     /// f16 K+V bytes for `context` tokens, when the GGUF header was readable.
     pub kv_bytes: Option<u64>,
+    /// Weights llama.cpp repacks into anonymous memory on the board's CPU (so held twice),
+    /// when the GGUF header was readable.
+    pub repacked_bytes: Option<u64>,
     pub context: u32,
     pub threads: u32,
     pub batch: u32,
@@ -187,9 +190,23 @@ impl Model {
     pub fn store_path(&self) -> String {
         format!("{STORE_DIR}/{}.gguf", self.sha256)
     }
-    /// Weights + KV + compute buffers: what loading it may take.
+    /// Weights + KV + repacked weights + compute buffers: what loading it may take.
     pub fn footprint_bytes(&self) -> u64 {
-        self.size_bytes + self.kv_bytes.unwrap_or(0) + compute_buffer_bytes(self.batch)
+        self.size_bytes
+            + self.kv_bytes.unwrap_or(0)
+            + self.repacked_bytes.unwrap_or(0)
+            + compute_buffer_bytes(self.batch)
+    }
+
+    /// Fills in what the GGUF header tells (KV and repacked bytes) where the spec could not:
+    /// on the device the normalized spec names models by hash, and kilnd reads the store's copy.
+    pub fn complete_from(&mut self, header: &crate::gguf::GgufInfo, repack: crate::gguf::Repack) {
+        if self.kv_bytes.is_none() {
+            self.kv_bytes = header.kv_cache_bytes(u64::from(self.context));
+        }
+        if self.repacked_bytes.is_none() {
+            self.repacked_bytes = Some(header.repacked_bytes(repack));
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use kiln_spec::gguf::{GgufError, GgufInfo, read_header};
+use kiln_spec::gguf::{GgufError, GgufInfo, Repack, TensorInfo, read_header};
 use proptest::prelude::*;
 
 /// A minimal GGUF writer for synthetic files.
@@ -44,11 +44,14 @@ impl W {
         self
     }
     fn tensor(&mut self, name: &str, dims: &[u64], offset: u64) -> &mut Self {
+        self.typed_tensor(name, dims, 0, offset)
+    }
+    fn typed_tensor(&mut self, name: &str, dims: &[u64], ggml_type: u32, offset: u64) -> &mut Self {
         self.str(name).u32(dims.len() as u32);
         for d in dims {
             self.u64(*d);
         }
-        self.u32(0).u64(offset)
+        self.u32(ggml_type).u64(offset)
     }
     /// Pads to `align`, then appends `data` zero bytes; returns the data offset.
     fn data(&mut self, align: usize, data: usize) -> u64 {
@@ -119,11 +122,36 @@ fn synthetic_llama_file() {
             key_length: None,
             value_length: None,
             chat_template: Some(TEMPLATE.into()),
+            tensors: vec![
+                TensorInfo { name: "token_embd.weight".into(), ggml_type: 0, dims: vec![768, 100], offset: 0 },
+                TensorInfo { name: "output_norm.weight".into(), ggml_type: 0, dims: vec![768], offset: 76_800 },
+            ],
         }
     );
     // head_dim 768/12 = 64, n_embd_kv = 4*64 = 256: 2 * 12 * 4096 * 256 * 2 bytes.
     assert_eq!(info.kv_cache_bytes(4096), Some(50_331_648));
     assert_eq!(info.kv_cache_bytes(0), Some(0));
+}
+
+/// Which tensors llama.cpp's CPU repacking copies into anonymous memory, per CPU.
+#[test]
+fn repacked_bytes_count_matrices_of_repacked_types_by_row_group() {
+    let (q4_0, q8_0, q4_1, f32_) = (2, 8, 3, 0);
+    let mut w = W::default();
+    w.header(3, 6, 1).kv_str("general.architecture", "llama");
+    // Offsets in bytes; each tensor's size is the distance to the next one.
+    w.typed_tensor("token_embd.weight", &[64, 16], q4_0, 0) // row lookups: never repacked
+        .typed_tensor("blk.0.attn_q.weight", &[64, 16], q4_0, 1024) // 16 rows: 8- and 4-row groups
+        .typed_tensor("blk.0.ffn_up.weight", &[64, 12], q4_0, 2048) // 12 rows: 4-row groups only
+        .typed_tensor("blk.0.attn_k.weight", &[64, 8], q8_0, 2560) // Q8_0: Arm only
+        .typed_tensor("blk.0.attn_v.weight", &[64, 8], q4_1, 3072) // Q4_1: nowhere
+        .typed_tensor("blk.0.attn_norm.weight", &[64], f32_, 3584); // 1-D
+    w.data(32, 3584 + 256);
+    let info = read(&w.0).expect("valid file");
+    assert_eq!(info.tensors.len(), 6);
+    assert_eq!(info.repacked_bytes(Repack::X86Avx2), 1024);
+    assert_eq!(info.repacked_bytes(Repack::ArmDotprod), 1024 + 512 + 512);
+    assert_eq!(info.repacked_bytes(Repack::None), 0);
 }
 
 #[test]
@@ -293,4 +321,8 @@ fn gguf_real_model() {
     assert_eq!(info.tensor_data_offset + info.tensor_data_bytes, info.file_size_bytes);
     // head_dim 576/9 = 64, n_embd_kv = 3*64 = 192: 2 * 30 * 8192 * 192 * 2 bytes.
     assert_eq!(info.kv_cache_bytes(8192), Some(188_743_680));
+    // Q4_1 throughout: llama.cpp repacks nothing of it, on any CPU.
+    assert_eq!(info.tensors.len() as u64, info.tensor_count);
+    assert_eq!(info.repacked_bytes(Repack::X86Avx2), 0);
+    assert_eq!(info.repacked_bytes(Repack::ArmDotprod), 0);
 }

@@ -143,10 +143,16 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
     let _guard = rt.enter();
     let mut workers = HashMap::new();
     let mut templates = HashMap::new();
-    for m in &spec.models {
+    // The device's spec names models by hash: what a load takes beyond the weights (KV cache,
+    // weights llama.cpp repacks for this CPU) comes from the store copy's GGUF header.
+    let mut models = spec.models.clone();
+    for m in &mut models {
         let (store_path, hot_path) = engine.lock().map_err(|_| anyhow::anyhow!("engine lock"))?.weights(m);
-        let chat_template = kiln_spec::gguf::read_header(&store_path).ok().and_then(|h| h.chat_template);
-        templates.insert(m.id.clone(), chat_template);
+        let header = kiln_spec::gguf::read_header(&store_path).ok();
+        if let Some(h) = &header {
+            m.complete_from(h, kiln_spec::gguf::Repack::of_this_build());
+        }
+        templates.insert(m.id.clone(), header.and_then(|h| h.chat_template));
         let admit_fn = {
             let runtimes = runtimes.clone();
             let engine = engine.clone();
@@ -171,12 +177,12 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
             admit: admit_fn,
             exe: exe.clone(),
             metrics: metrics.clone(),
+            footprint: Footprint::of(m),
         };
         workers.insert(m.id.clone(), ModelWorker::spawn(cfg, spec.supervisor.queue_depth as usize));
     }
-    let _ = runtimes.set(
-        spec.models.iter().filter_map(|m| workers.get(&m.id).map(|w: &ModelWorker| (m.clone(), w.clone()))).collect(),
-    );
+    let _ = runtimes
+        .set(models.iter().filter_map(|m| workers.get(&m.id).map(|w: &ModelWorker| (m.clone(), w.clone()))).collect());
     let cache = ResponseCache::open(
         Some(&paths.responses),
         spec.cache.responses.memory_bytes,

@@ -568,7 +568,7 @@ mod admit {
     use super::*;
 
     fn smollm2() -> Footprint {
-        Footprint { weights_bytes: 94 * MIB, kv_bytes: 45 * MIB, compute_bytes: 64 * MIB }
+        Footprint { weights_bytes: 94 * MIB, kv_bytes: 45 * MIB, repacked_bytes: 0, compute_bytes: 64 * MIB }
     }
 
     #[test]

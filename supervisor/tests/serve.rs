@@ -621,20 +621,20 @@ fn loading_a_model_unloads_an_idle_one_when_the_inference_cgroup_is_full() {
     let since = common::since();
     let tmp = tempfile::tempdir().unwrap();
     let spec = device(tmp.path(), "");
-    // Two models (the same weights under two names) and room for one: weights 94 MiB +
-    // compute 64 MiB each, inference memory.max 200 MiB.
+    // Two models (the same weights under two names) and room for one: weights 94 MiB + KV
+    // 45 MiB (from the store copy's header) + compute 64 MiB each, inference memory.max 300 MiB.
     let one =
         format!("{{ id: smollm2-135m, sha256: {SMOL_SHA}, size: 98362432, context: 2048, threads: 2, pin: true }}");
     let text = std::fs::read_to_string(&spec).unwrap().replace(
         &format!("  - {one}\n"),
         &format!(
-            "  - {}\n  - {}\ncgroups:\n  inference: {{ memory-max: 200MiB }}\n",
+            "  - {}\n  - {}\ncgroups:\n  inference: {{ memory-max: 300MiB }}\n",
             one.replace("smollm2-135m", "first").replace("pin: true", "pin: false"),
             one.replace("smollm2-135m", "second").replace("pin: true", "pin: false")
         ),
     );
     std::fs::write(&spec, text).unwrap();
-    // Every kilnd has a cgroup parent of its own: the 200 MiB limit reaches no other test.
+    // Every kilnd has a cgroup parent of its own: the 300 MiB limit reaches no other test.
     let k = Kilnd::start(&spec, tmp.path());
     let ask = |model: &str| k.post("/v1/completions", &json!({"model": model, "prompt": "Hi", "max_tokens": 2}));
     let (s, body, _) = ask("first");
@@ -646,7 +646,7 @@ fn loading_a_model_unloads_an_idle_one_when_the_inference_cgroup_is_full() {
     assert_eq!(worker("first")["state"], "unloaded", "{st}");
     assert_eq!(worker("first")["unloads"], 1);
     assert_eq!(worker("second")["state"], "loaded", "{st}");
-    assert_eq!(st["cgroups"]["inference"]["memory_max_bytes"], 200u64 << 20);
+    assert_eq!(st["cgroups"]["inference"]["memory_max_bytes"], 300u64 << 20);
     if journal {
         let e = common::journal(kiln_supervisor::log::message_id::EVICTION, "first", &since);
         assert!(e.iter().any(|e| e["REASON"] == "making room for second"), "{e:?}");
@@ -722,4 +722,118 @@ fn cache_statistics_are_logged_periodically() {
         assert!(Instant::now() < deadline, "no CACHE_STATS entry with 1 hit and 1 miss for {address}: {entries:?}");
         std::thread::sleep(Duration::from_secs(1));
     }
+}
+
+/// Writes `out`: `src` requantized to `ftype` by llama.cpp's own quantizer (the demo model
+/// in the other quants a user may bring).
+#[allow(unsafe_code)]
+fn quantize(src: &Path, out: &Path, ftype: llama_cpp_sys_2::llama_ftype) {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+    let (inp, outp) = (c(src), c(out));
+    // SAFETY: both paths are NUL-terminated strings that outlive the call; the parameters are
+    // llama.cpp's defaults with plain value fields changed, their pointers left null.
+    let rc = unsafe {
+        let mut p = llama_cpp_sys_2::llama_model_quantize_default_params();
+        p.ftype = ftype;
+        p.allow_requantize = true;
+        p.nthread = 2;
+        llama_cpp_sys_2::llama_model_quantize(inp.as_ptr(), outp.as_ptr(), &p)
+    };
+    assert_eq!(rc, 0, "llama_model_quantize to ftype {ftype} failed");
+}
+
+/// A state dir whose store holds the demo model requantized to `ftype` (None: as it is),
+/// with a spec serving it as `m`, plus `extra` spec YAML. Returns the spec and the file's size.
+fn device_with_quant(state: &Path, ftype: Option<llama_cpp_sys_2::llama_ftype>, extra: &str) -> (PathBuf, u64) {
+    use sha2::Digest;
+    let src = repo().join("examples/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let store = state.join("var/lib/kiln/models");
+    std::fs::create_dir_all(&store).unwrap();
+    let file = state.join("model.gguf");
+    match ftype {
+        Some(f) => quantize(&src, &file, f),
+        None => {
+            std::fs::copy(&src, &file).unwrap();
+        }
+    }
+    let bytes = std::fs::read(&file).unwrap();
+    let sha = hex::encode(sha2::Sha256::digest(&bytes));
+    std::fs::rename(&file, store.join(format!("{sha}.gguf"))).unwrap();
+    let spec = state.join("spec.yaml");
+    let size = bytes.len() as u64;
+    std::fs::write(
+        &spec,
+        format!(
+            "api-version: kiln/v1\nname: repack-test\nhardware: {{ board: generic-x86_64, ram: 4GiB }}\n\
+             system: {{ timezone: UTC }}\nmodels:\n  - {{ id: m, sha256: {sha}, size: {size}, context: 2048, threads: 2 }}\n{extra}"
+        ),
+    )
+    .unwrap();
+    (spec, size)
+}
+
+/// llama.cpp's CPU backend repacks some quants (Q4_0, IQ4_NL on AVX2; more on the Pi 5's
+/// A76) into anonymous memory at load, so their weights sit in RAM twice: once mapped, once
+/// repacked. Measured here for four quants of the demo model, and admission counts it.
+#[test]
+fn repacked_weights_are_measured_and_counted_by_admission() {
+    use llama_cpp_sys_2::{LLAMA_FTYPE_MOSTLY_IQ4_NL, LLAMA_FTYPE_MOSTLY_Q4_0, LLAMA_FTYPE_MOSTLY_Q8_0};
+    let repack = kiln_spec::gguf::Repack::of_this_build();
+    assert_eq!(repack, kiln_spec::gguf::Repack::X86Avx2, "kilnd is built for x86-64-v3 here (.cargo/config.toml)");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut measured = Vec::new();
+    for (name, ftype) in [
+        ("Q4_1", None),
+        ("Q4_0", Some(LLAMA_FTYPE_MOSTLY_Q4_0)),
+        ("Q8_0", Some(LLAMA_FTYPE_MOSTLY_Q8_0)),
+        ("IQ4_NL", Some(LLAMA_FTYPE_MOSTLY_IQ4_NL)),
+    ] {
+        let state = tmp.path().join(name);
+        let (spec, size) = device_with_quant(&state, ftype, "");
+        let k = Kilnd::start(&spec, &state);
+        let (s, body, _) = k.post("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 2}));
+        assert_eq!(s, 200, "{name}: {body}");
+        let w = k.worker();
+        let anon = w["info"]["rss_anon_bytes"].as_u64().unwrap();
+        let f = &w["footprint"];
+        let counted =
+            ["kv_bytes", "repacked_bytes", "compute_bytes"].iter().map(|k| f[k].as_u64().unwrap()).sum::<u64>();
+        println!("{name}: file {} MiB, anon {} MiB, counted {} MiB ({f})", size >> 20, anon >> 20, counted >> 20);
+        assert_eq!(f["weights_bytes"], size);
+        assert!(
+            f["kv_bytes"].as_u64().unwrap() > 40 << 20,
+            "{name}: the KV cache is read from the store's header: {f}"
+        );
+        assert!(anon <= counted, "{name}: anon {anon} is more than admission counts ({f})");
+        measured.push((name, anon, f["repacked_bytes"].as_u64().unwrap()));
+    }
+    let base = measured[0].1;
+    for (name, anon, repacked) in &measured {
+        match *name {
+            // Repacked: the extra anonymous memory is the repacked copy, and the estimate
+            // from the header matches it within 10%.
+            "Q4_0" | "IQ4_NL" => {
+                assert!(*repacked > 40 << 20, "{name}: {repacked}");
+                let extra = anon.saturating_sub(base);
+                assert!(extra.abs_diff(*repacked) < repacked / 10, "{name}: extra anon {extra}, estimate {repacked}");
+            }
+            _ => {
+                assert_eq!(*repacked, 0, "{name}");
+                assert!(anon.abs_diff(base) < base / 10, "{name}: anon {anon} vs Q4_1's {base}");
+            }
+        }
+    }
+
+    // The repacked copy decides whether a model fits: Q4_0 needs ~196 MiB without it and
+    // ~253 MiB with it; under a 230 MiB inference cgroup the load is refused, naming it.
+    let state = tmp.path().join("tight");
+    let (spec, _) =
+        device_with_quant(&state, Some(LLAMA_FTYPE_MOSTLY_Q4_0), "cgroups:\n  inference: { memory-max: 230MiB }\n");
+    let k = Kilnd::start(&spec, &state);
+    let (s, body, _) = k.post("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 2}));
+    assert_eq!(s, 503, "{body}");
+    let msg = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("repacked weights") && msg.contains("memory.max is 230 MiB"), "{msg}");
+    assert_eq!(k.worker()["loads"], 0);
 }

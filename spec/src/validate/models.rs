@@ -151,12 +151,14 @@ impl Validator<'_> {
             self.sampling(&at("sampling"), s);
         }
         let kv_bytes = header.as_ref().and_then(|h| h.kv_cache_bytes(u64::from(context)));
+        let repacked_bytes = header.as_ref().zip(hw).map(|(h, hw)| h.repacked_bytes(hw.profile.cpu_repack));
         let model = Model {
             id: m.id.clone(),
             source: source?,
             sha256: m.sha256.clone(),
             size_bytes,
             kv_bytes,
+            repacked_bytes,
             context,
             threads,
             batch,
@@ -169,6 +171,10 @@ impl Validator<'_> {
             && model.footprint_bytes() > max
         {
             let kv = kv_bytes.map_or("KV unknown".to_string(), |k| format!("KV {} MiB for {context} tokens", mib(k)));
+            let kv = match repacked_bytes {
+                Some(r) if r > 0 => format!("{kv} + {} MiB of weights llama.cpp repacks for this CPU", mib(r)),
+                _ => kv,
+            };
             self.err(
                     p,
                     format!(

@@ -19,10 +19,12 @@ pub const EMERGENCY_RETRY_AFTER_SECS: u64 = 15;
 pub const NO_ROOM_RETRY_AFTER_SECS: u64 = 10;
 
 /// What loading a model takes, by part (the spec's `Model::footprint_bytes`, itemized).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Footprint {
     pub weights_bytes: u64,
     pub kv_bytes: u64,
+    /// Weights llama.cpp copies into anonymous memory when it repacks them for this CPU.
+    pub repacked_bytes: u64,
     pub compute_bytes: u64,
 }
 
@@ -31,25 +33,31 @@ impl Footprint {
         Footprint {
             weights_bytes: model.size_bytes,
             kv_bytes: model.kv_bytes.unwrap_or(0),
+            repacked_bytes: model.repacked_bytes.unwrap_or(0),
             compute_bytes: kiln_spec::model::compute_buffer_bytes(model.batch),
         }
     }
 
+    /// The part a loaded worker holds as anonymous memory (all but the mapped weights).
+    pub fn anonymous_bytes(&self) -> u64 {
+        self.kv_bytes.saturating_add(self.repacked_bytes).saturating_add(self.compute_bytes)
+    }
+
     pub fn total_bytes(&self) -> u64 {
-        self.weights_bytes.saturating_add(self.kv_bytes).saturating_add(self.compute_bytes)
+        self.weights_bytes
+            .saturating_add(self.kv_bytes)
+            .saturating_add(self.repacked_bytes)
+            .saturating_add(self.compute_bytes)
     }
 }
 
 impl fmt::Display for Footprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} MiB (weights {} + KV {} + compute {})",
-            mib(self.total_bytes()),
-            mib(self.weights_bytes),
-            mib(self.kv_bytes),
-            mib(self.compute_bytes)
-        )
+        write!(f, "{} MiB (weights {} + KV {}", mib(self.total_bytes()), mib(self.weights_bytes), mib(self.kv_bytes))?;
+        if self.repacked_bytes > 0 {
+            write!(f, " + repacked weights {}", mib(self.repacked_bytes))?;
+        }
+        write!(f, " + compute {})", mib(self.compute_bytes))
     }
 }
 

@@ -85,6 +85,9 @@ pub struct Runtime {
     /// Seconds since the epoch.
     pub last_used: Option<u64>,
     pub last_error: Option<String>,
+    /// What admission control counts for a load of this model (compare with `info`'s
+    /// measured resident bytes).
+    pub footprint: Option<crate::policy::admit::Footprint>,
 }
 
 impl Default for Runtime {
@@ -106,6 +109,7 @@ impl Default for Runtime {
             queued: 0,
             last_used: None,
             last_error: None,
+            footprint: None,
         }
     }
 }
@@ -180,6 +184,8 @@ pub struct WorkerConfig {
     /// The executable to run as `worker` (kilnd itself).
     pub exe: PathBuf,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// What admission control counts for loading this model.
+    pub footprint: crate::policy::admit::Footprint,
 }
 
 impl std::fmt::Debug for WorkerConfig {
@@ -202,7 +208,8 @@ impl ModelWorker {
     pub fn spawn(cfg: WorkerConfig, queue_depth: usize) -> ModelWorker {
         let (tx, rx) = mpsc::channel(queue_depth.max(1));
         let (control, control_rx) = mpsc::unbounded_channel();
-        let runtime = Arc::new(Mutex::new(Runtime { state: "unloaded", ..Default::default() }));
+        let runtime =
+            Arc::new(Mutex::new(Runtime { state: "unloaded", footprint: Some(cfg.footprint), ..Default::default() }));
         let id = cfg.model_id.clone();
         let task = Task { cfg, rt: runtime.clone(), proc: None, backoff: Duration::ZERO, next_id: 1 };
         tokio::spawn(task.run(rx, control_rx));
@@ -561,6 +568,18 @@ impl Task {
                     "loaded {} from the {from} tier in {} ms (anon {} MiB, file-backed {} MiB)",
                     c.model_id, info.load_ms, info.rss_anon_bytes >> 20, info.rss_file_bytes >> 20
                 );
+                let counted = c.footprint.anonymous_bytes();
+                if info.rss_anon_bytes > counted.saturating_add(counted / 10) {
+                    tracing::warn!(
+                        message_id = message_id::MODEL_LOADED,
+                        model = %c.model_id,
+                        rss_anon_bytes = info.rss_anon_bytes,
+                        bytes = counted,
+                        "{} uses {} MiB of anonymous memory, more than the {} MiB admission control counts \
+                         (KV + repacked weights + compute): loads may pass the inference cgroup's memory.max",
+                        c.model_id, info.rss_anon_bytes >> 20, counted >> 20
+                    );
+                }
                 let mut rt = self.rt();
                 rt.transition(&c.model_id, StateEvent::LoadFinished);
                 rt.pid = Some(pid);
