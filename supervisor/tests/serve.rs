@@ -837,3 +837,81 @@ fn repacked_weights_are_measured_and_counted_by_admission() {
     assert!(msg.contains("repacked weights") && msg.contains("memory.max is 230 MiB"), "{msg}");
     assert_eq!(k.worker()["loads"], 0);
 }
+
+/// The memory limit file of a model's worker cgroup (`memory.max` on v2,
+/// `memory.limit_in_bytes` on v1), from the inference cgroup /status reports.
+fn model_memory_limit(k: &Kilnd, model: &str) -> PathBuf {
+    let st = k.status();
+    let cg = &st["cgroups"];
+    let dir = Path::new(cg["inference"]["path"].as_str().unwrap_or_else(|| panic!("no inference cgroup: {cg}")));
+    let dir =
+        if dir.is_absolute() { dir.join(model) } else { Path::new("/sys/fs/cgroup/memory").join(dir).join(model) };
+    let file = if cg["version"] == "v2" { "memory.max" } else { "memory.limit_in_bytes" };
+    let dir = if dir.join(file).exists() {
+        dir
+    } else {
+        Path::new("/sys/fs/cgroup").join(dir.strip_prefix("/").unwrap_or(&dir))
+    };
+    dir.join(file)
+}
+
+/// A worker the kernel OOM-kills: its cgroup's limit is set below what loading takes, so
+/// the load dies in the kernel's OOM killer. The request gets a 503 saying so (with the
+/// cgroup's memory events), kilnd logs OOM_KILL, and once the limit is lifted the model
+/// loads and serves. kilnd itself never goes down.
+#[test]
+fn a_worker_the_kernel_oom_kills_is_reported_and_loaded_again() {
+    let journal = common::journald("a_worker_the_kernel_oom_kills_is_reported_and_loaded_again");
+    let since = common::since();
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = device(tmp.path(), "");
+    let k = Kilnd::start(&spec, tmp.path());
+    let limit = model_memory_limit(&k, "smollm2-135m");
+    // The worker's anonymous memory alone reaches ~64 MiB (KV cache + compute buffers).
+    std::fs::write(&limit, (32u64 << 20).to_string()).unwrap();
+    let (s, body, headers) = k.post("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 2}));
+    assert_eq!(s, 503, "{body}");
+    let msg = body["error"]["message"].as_str().unwrap_or_default().to_owned();
+    assert!(msg.contains("OOM-killed") && msg.contains("oom_kill +1"), "{msg}");
+    assert!(headers.get("retry-after").is_some());
+    let w = k.worker();
+    assert!(w["phase"].as_str().unwrap_or_default().contains("OOM-killed"), "{w}");
+    // Lift the limit: after the backoff the model loads and answers.
+    std::fs::write(&limit, if limit.ends_with("memory.max") { "max".to_string() } else { "-1".to_string() }).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let (s, body, _) = k.post("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 2}));
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(k.worker()["state"], "loaded");
+    if journal {
+        let e = common::journal(kiln_supervisor::log::message_id::OOM_KILL, "smollm2-135m", &since);
+        assert!(!e.is_empty(), "no OOM_KILL entry");
+    }
+}
+
+/// A worker that dies while idle is noticed at once (not by the next request, which is
+/// served by a fresh worker instead of failing).
+#[test]
+fn a_worker_that_dies_while_idle_is_noticed_and_the_next_request_is_served() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = device(tmp.path(), "");
+    let k = Kilnd::start(&spec, tmp.path());
+    let ask = || k.post("/v1/completions", &json!({"prompt": "Hello", "max_tokens": 2}));
+    assert_eq!(ask().0, 200);
+    let pid = k.worker()["pid"].as_i64().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let w = loop {
+        let w = k.worker();
+        if w["restarts"] == 1 {
+            break w;
+        }
+        assert!(Instant::now() < deadline, "the idle worker's death went unnoticed: {w}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(w["phase"].as_str().unwrap_or_default().starts_with("failed"), "{w}");
+    assert!(w["pid"].is_null(), "{w}");
+    let (s, body, _) = ask();
+    assert_eq!(s, 200, "{body}");
+    let w = k.worker();
+    assert_eq!((w["state"].as_str(), w["loads"].as_u64(), w["failures"].as_u64()), (Some("loaded"), Some(2), Some(0)));
+}

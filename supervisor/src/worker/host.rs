@@ -276,6 +276,19 @@ impl Task {
                     self.unload("keep-alive expired").await;
                     continue;
                 }
+                // A worker that dies between requests (OOM-killed when its cgroup's limit
+                // shrank, killed by hand) is noticed now, not by the next request.
+                _ = exited(&mut self.proc), if self.proc.is_some() => {
+                    let how = self.reap().await;
+                    let oom = how.contains("OOM-killed");
+                    let id = if oom { message_id::OOM_KILL } else { message_id::WORKER_EXITED };
+                    tracing::error!(message_id = id, model = %self.cfg.model_id, "the idle worker for {} exited ({how}); it is loaded again on the next request", self.cfg.model_id);
+                    self.cfg.metrics.restarts.get_or_create(&crate::metrics::Metrics::model(&self.cfg.model_id)).inc();
+                    let mut rt = self.rt();
+                    rt.restarts += 1;
+                    rt.last_error = Some(format!("the idle worker exited ({how})"));
+                    continue;
+                }
                 Some(reason) = control.recv() => {
                     if self.proc.is_some() {
                         tracing::warn!(message_id = message_id::EVICTION, model = %self.cfg.model_id, tier = "loaded", reason = %reason, "unloading {} ({reason})", self.cfg.model_id);
@@ -491,22 +504,27 @@ impl Task {
                 "killed after its socket broke".into()
             }
         };
-        let mut how = status;
-        if let Some((backend, cg)) = &self.cfg.backend
-            && let Ok(ev) = backend.memory_events(cg)
-        {
-            let oom = ev.oom_kill.saturating_sub(p.events_before.oom_kill);
-            if oom > 0 {
-                how = format!(
-                    "{how}; OOM-killed: memory.events oom_kill +{oom}, max +{}",
-                    ev.max - p.events_before.max.min(ev.max)
-                );
-            }
-        }
+        let how = self.with_memory_events(status, &p.events_before);
         let mut rt = self.rt();
         rt.transition(&self.cfg.model_id, StateEvent::Crashed(how.clone()));
         rt.pid = None;
         how
+    }
+
+    /// `status`, plus the OOM kills the model's cgroup counted since `before`.
+    fn with_memory_events(&self, status: String, before: &MemoryEvents) -> String {
+        if let Some((backend, cg)) = &self.cfg.backend
+            && let Ok(ev) = backend.memory_events(cg)
+        {
+            let oom = ev.oom_kill.saturating_sub(before.oom_kill);
+            if oom > 0 {
+                return format!(
+                    "{status}; OOM-killed: memory.events oom_kill +{oom}, max +{}",
+                    ev.max - before.max.min(ev.max)
+                );
+            }
+        }
+        status
     }
 
     async fn load(&mut self) -> Result<Proc> {
@@ -537,6 +555,9 @@ impl Task {
         }
         cmd.stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs))).stdout(Stdio::null()).kill_on_drop(true);
         let child = cmd.spawn().with_context(|| format!("starting {} worker", c.exe.display()))?;
+        // The command holds our copy of the worker's end of the socket: without dropping it,
+        // a worker that dies while loading would never close the socket for us.
+        drop(cmd);
         let pid = child.id().unwrap_or(0);
         let mut events_before = MemoryEvents::default();
         // Into the model's cgroup before it allocates anything: it waits for Load.
@@ -553,8 +574,19 @@ impl Task {
         let first = tokio::time::timeout(c.load_timeout, lines.next_line())
             .await
             .map_err(|_| anyhow!("no answer within {} s", c.load_timeout.as_secs()))?
-            .context("reading from the worker")?
-            .ok_or_else(|| anyhow!("the worker exited while loading"))?;
+            .context("reading from the worker")?;
+        let Some(first) = first else {
+            let mut child = child;
+            let status = match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
+                Ok(Ok(s)) => s.to_string(),
+                _ => "its socket closed".to_string(),
+            };
+            let how = self.with_memory_events(status, &events_before);
+            let id = if how.contains("OOM-killed") { message_id::OOM_KILL } else { message_id::WORKER_EXITED };
+            tracing::error!(message_id = id, model = %self.cfg.model_id, "the worker for {} exited while loading ({how})", self.cfg.model_id);
+            return Err(anyhow!("the worker exited while loading ({how})"));
+        };
+        let c = &self.cfg;
         match serde_json::from_str::<Event>(&first).context("the worker's first line")? {
             Event::Loaded(info) => {
                 tracing::info!(
@@ -594,6 +626,14 @@ impl Task {
             Event::LoadFailed { message } => Err(anyhow!(message)),
             other => Err(anyhow!("unexpected first event {other:?}")),
         }
+    }
+}
+
+/// Resolves when the worker process ends; never when there is none.
+async fn exited(proc: &mut Option<Proc>) -> std::io::Result<std::process::ExitStatus> {
+    match proc {
+        Some(p) => p.child.wait().await,
+        None => std::future::pending().await,
     }
 }
 
