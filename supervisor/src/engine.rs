@@ -85,6 +85,9 @@ pub struct Engine {
     /// `state/demand.json` across restarts.
     demand: policy::Demand,
     demand_dirty: bool,
+    /// Models whose tmpfs copy a worker maps right now: deleting it would free nothing until
+    /// the worker unloads, so pressure demotes them only after that.
+    mapped_hot: std::collections::HashSet<String>,
 }
 
 impl Engine {
@@ -103,7 +106,18 @@ impl Engine {
             .with_context(|| format!("loading time zone {}", spec.system.timezone))?;
         let pressure = PressureTracker::new(Thresholds::from_spec(&spec.cache));
         let demand = load_demand(&paths.state.join("demand.json"));
-        Ok(Engine { spec, paths, store, hot, tz, pressure, level: Level::Normal, demand, demand_dirty: false })
+        Ok(Engine {
+            spec,
+            paths,
+            store,
+            hot,
+            tz,
+            pressure,
+            level: Level::Normal,
+            demand,
+            demand_dirty: false,
+            mapped_hot: Default::default(),
+        })
     }
 
     /// Counts a request for `model` now (its hour of day orders the prewarm).
@@ -243,6 +257,11 @@ impl Engine {
 
     /// Reads memory pressure and acts: demotes idle, unpinned hot copies under Evict and
     /// Emergency (no workers hold them yet). Level changes and demotions are logged.
+    /// Which models' tmpfs copies workers map now (the server tells before each reaction).
+    pub fn set_mapped_hot(&mut self, ids: impl IntoIterator<Item = String>) {
+        self.mapped_hot = ids.into_iter().collect();
+    }
+
     pub fn react_to_pressure(&mut self, reading: policy::MemReading) -> Result<Level> {
         let level = self.pressure.update(reading);
         if level != self.level {
@@ -252,7 +271,9 @@ impl Engine {
         if level >= Level::Evict
             && let Some(hot) = &self.hot
         {
-            for m in self.spec.models.iter().filter(|m| !m.pin && hot.contains(&m.sha256)) {
+            let demotable =
+                |m: &&kiln_spec::model::Model| !m.pin && hot.contains(&m.sha256) && !self.mapped_hot.contains(&m.id);
+            for m in self.spec.models.iter().filter(demotable) {
                 hot.demote(&m.sha256)?;
                 tracing::warn!(message_id = message_id::EVICTION, model = %m.id, sha256 = %m.sha256, tier = "hot", bytes = m.size_bytes, reason = ?level, "evicted from the hot tier under memory pressure");
             }

@@ -281,8 +281,11 @@ fn supervise(
     let mut at_boot = state.spec.cache.prewarm.at_boot;
     while !stop.load(Ordering::SeqCst) {
         let reading = read_memory();
+        let mapped_hot: Vec<String> =
+            state.workers.values().filter(|w| w.lock().maps_hot_copy()).map(|w| w.id.clone()).collect();
         let (level, status) = {
             let mut e = engine.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            e.set_mapped_hot(mapped_hot);
             let level = match reading {
                 Ok(r) => e.react_to_pressure(r).unwrap_or_else(|err| {
                     tracing::warn!("reacting to memory pressure: {err:#}");
@@ -295,6 +298,12 @@ fn supervise(
             }
             (level, e.status(reading.ok()))
         };
+        // Each model's state machine follows the tiers the engine changed (prewarm, eviction).
+        for m in &status.models {
+            if let Some(w) = state.workers.get(&m.id) {
+                w.lock().follow_tiers(m.stored, m.hot);
+            }
+        }
         // Under pressure, idle loaded models go first (the weights stay in the hot tier or the
         // page cache; KV and compute buffers are freed): unpinned ones from Evict, every idle
         // one at Emergency. Busy workers are never touched.

@@ -128,6 +128,11 @@ fn memory_pressure_demotes_unpinned_hot_copies_and_keeps_pinned() {
         available_bytes: 4 * gib / 5,
         psi_some_avg10: None,
     };
+    // A tmpfs copy a worker maps is left until the worker unloads (deleting it frees nothing).
+    engine.set_mapped_hot(["tiny".to_string()]);
+    assert_eq!(engine.react_to_pressure(tight).unwrap(), kiln_supervisor::policy::Level::Evict);
+    assert!(hot(&tiny_sha), "a mapped hot copy was demoted");
+    engine.set_mapped_hot([]);
     assert_eq!(engine.react_to_pressure(tight).unwrap(), kiln_supervisor::policy::Level::Evict);
     assert!(!hot(&tiny_sha), "the unpinned model stays hot under pressure");
     assert!(hot(SMOL_SHA), "the pinned model was evicted");

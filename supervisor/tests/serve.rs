@@ -915,3 +915,151 @@ fn a_worker_that_dies_while_idle_is_noticed_and_the_next_request_is_served() {
     let w = k.worker();
     assert_eq!((w["state"].as_str(), w["loads"].as_u64(), w["failures"].as_u64()), (Some("loaded"), Some(2), Some(0)));
 }
+
+/// A process holding `bytes` of anonymous memory, in a cgroup of its own beside kilnd's:
+/// `head -c N /dev/zero | tail` keeps the whole newline-free "last line" in memory.
+struct Hog {
+    child: Child,
+    cgroup: PathBuf,
+}
+
+impl Hog {
+    fn start(bytes: u64) -> Hog {
+        let v1 = Path::new("/sys/fs/cgroup/memory");
+        let root = if v1.is_dir() { v1 } else { Path::new("/sys/fs/cgroup") };
+        let cgroup = root.join(format!("kiln-test-hog-{}", std::process::id()));
+        std::fs::create_dir_all(&cgroup).unwrap();
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(format!("echo $$ > '{}/cgroup.procs' && head -c {bytes} /dev/zero | tail", cgroup.display()))
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        Hog { child, cgroup }
+    }
+
+    /// Bytes the hog's cgroup holds now.
+    fn usage(&self) -> u64 {
+        ["memory.usage_in_bytes", "memory.current"]
+            .iter()
+            .find_map(|f| std::fs::read_to_string(self.cgroup.join(f)).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Hog {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // `tail` outlives the shell it was piped from: kill what is left in the cgroup.
+        for _ in 0..50 {
+            let procs = std::fs::read_to_string(self.cgroup.join("cgroup.procs")).unwrap_or_default();
+            if procs.trim().is_empty() {
+                break;
+            }
+            for pid in procs.lines().filter_map(|p| p.trim().parse::<i32>().ok()) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = std::fs::remove_dir(&self.cgroup);
+    }
+}
+
+/// A real memory hog in a sibling cgroup pushes the machine past the evict threshold:
+/// kilnd (reading the live /proc/meminfo) demotes the unpinned model from the hot tier and
+/// unloads its idle worker, keeps the pinned one hot and loaded, and logs each eviction.
+/// The thresholds are set a few points above this machine's use at the start of the test.
+#[test]
+fn a_memory_hog_in_a_sibling_cgroup_evicts_unpinned_models_and_keeps_pinned() {
+    let journal = common::journald("a_memory_hog_in_a_sibling_cgroup_evicts_unpinned_models_and_keeps_pinned");
+    let since = common::since();
+    let reading = kiln_supervisor::engine::read_memory().unwrap();
+    let used = reading.used_pct().ceil() as u64;
+    let (warn, evict) = (used + 5, used + 10);
+    let emergency = (used + 45).min(99);
+    assert!(emergency > evict + 15, "the machine is too full for this test: {used}% used");
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = device(tmp.path(), "");
+    // The unpinned model: the demo model as Q8_0 (other bytes, another hash).
+    let spare = tmp.path().join("spare.gguf");
+    quantize(
+        &repo().join("examples/models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        &spare,
+        llama_cpp_sys_2::LLAMA_FTYPE_MOSTLY_Q8_0,
+    );
+    let bytes = std::fs::read(&spare).unwrap();
+    let spare_sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&bytes))
+    };
+    std::fs::rename(&spare, tmp.path().join(format!("var/lib/kiln/models/{spare_sha}.gguf"))).unwrap();
+    let text = std::fs::read_to_string(&spec).unwrap().replace("size: 256MiB", "size: 512MiB").replace(
+        "cache:\n",
+        &format!(
+            "  - {{ id: spare, sha256: {spare_sha}, size: {}, context: 2048, threads: 2 }}\ncache:\n  \
+                 thresholds: {{ warn: {warn}%, evict: {evict}%, emergency: {emergency}% }}\n  \
+                 prewarm: {{ at-boot: true, models: [smollm2-135m, spare] }}\n",
+            bytes.len()
+        ),
+    );
+    std::fs::write(&spec, text).unwrap();
+    let k = Kilnd::start(&spec, tmp.path());
+    let model = |st: &Value, id: &str| st["models"].as_array().unwrap().iter().find(|m| m["id"] == id).unwrap().clone();
+    let wait_for = |what: &str, secs: u64, f: &dyn Fn(&Value) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let st = k.status();
+            if f(&st) {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "{what}: {st}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    // The prewarm's copies reach each model's state machine too (Promoted).
+    wait_for("the at-boot prewarm", 60, &|st| {
+        ["smollm2-135m", "spare"]
+            .iter()
+            .all(|id| model(st, id)["hot"] == true && model(st, id)["worker"]["phase"] == "hot")
+    });
+    for id in ["smollm2-135m", "spare"] {
+        let (s, body, _) = k.post("/v1/completions", &json!({"model": id, "prompt": "Hi", "max_tokens": 2}));
+        assert_eq!(s, 200, "{id}: {body}");
+    }
+    let st = k.status();
+    assert_eq!(st["memory"]["pressure"], "Normal", "{st}");
+    assert_eq!(
+        (model(&st, "smollm2-135m")["state"].as_str(), model(&st, "spare")["state"].as_str()),
+        (Some("loaded"), Some("loaded"))
+    );
+
+    // Past evict by 8 points of RAM, below emergency.
+    let total = reading.total_bytes;
+    let hog = Hog::start((evict + 8 - used) * total / 100);
+    let st = wait_for("the hog did not bring the evict level", 60, &|st| st["memory"]["pressure"] == "Evict");
+    let st = if model(&st, "spare")["state"] == "loaded" || model(&st, "spare")["hot"] == true {
+        wait_for("the unpinned model was not evicted", 20, &|st| {
+            let spare = model(st, "spare");
+            spare["state"] == "unloaded" && spare["hot"] == false && spare["worker"]["phase"] == "stored"
+        })
+    } else {
+        st
+    };
+    println!("hog holds {} MiB; used {}%", hog.usage() >> 20, st["memory"]["used_percent"]);
+    let pinned = model(&st, "smollm2-135m");
+    assert_eq!((pinned["hot"].as_bool(), pinned["state"].as_str()), (Some(true), Some("loaded")), "{st}");
+    assert_eq!(pinned["worker"]["phase"], "loaded from the hot tier");
+    assert_eq!(model(&st, "spare")["worker"]["unloads"], 1);
+    drop(hog);
+    // Back under evict (less its hysteresis margin) once the hog is gone.
+    wait_for("the pressure did not ease once the hog left", 60, &|st| st["memory"]["pressure"] != "Evict");
+    if journal {
+        let e = common::journal(kiln_supervisor::log::message_id::EVICTION, "spare", &since);
+        assert!(e.iter().any(|e| e["TIER"] == "hot" && e["REASON"] == "Evict"), "no hot-tier EVICTION: {e:?}");
+        assert!(e.iter().any(|e| e["TIER"] == "loaded"), "no loaded-tier EVICTION: {e:?}");
+        let pinned = common::journal(kiln_supervisor::log::message_id::EVICTION, "smollm2-135m", &since);
+        assert!(pinned.is_empty(), "the pinned model was evicted: {pinned:?}");
+    }
+}

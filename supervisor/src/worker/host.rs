@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use super::{ErrorKind, Event, Finish, ModelInfo, Request, Sampling};
 use crate::cgroup::{CgroupBackend, CgroupHandle, MemoryEvents};
 use crate::log::message_id;
-use crate::policy::state::{Event as StateEvent, ModelState};
+use crate::policy::state::{Event as StateEvent, Mapped, ModelState};
 
 /// What the HTTP handler receives for a job.
 #[derive(Debug, Clone, PartialEq)]
@@ -137,6 +137,34 @@ impl Runtime {
         }
     }
 
+    /// Follows where the engine says the bytes are: a tmpfs copy made by prewarm or removed
+    /// by eviction (Promoted/Demoted, in any phase the machine allows), a model fetched into
+    /// the store. A change the machine does not allow now (a mapped tmpfs copy cannot be
+    /// demoted) is taken on a later call, once the phase allows it.
+    pub fn follow_tiers(&mut self, stored: bool, hot: bool) {
+        if matches!(self.phase, ModelState::Missing) && stored {
+            for event in [StateEvent::FetchStarted, StateEvent::Fetched] {
+                if let Ok(next) = self.phase.apply(event) {
+                    self.phase = next;
+                }
+            }
+        }
+        if self.phase.in_store() && self.phase.is_hot() != hot {
+            let event = if hot { StateEvent::Promoted } else { StateEvent::Demoted };
+            if let Ok(next) = self.phase.apply(event) {
+                self.phase = next;
+            }
+        }
+    }
+
+    /// Whether a worker maps the tmpfs copy (loading, loaded or unloading from the hot tier).
+    pub fn maps_hot_copy(&self) -> bool {
+        matches!(
+            self.phase,
+            ModelState::Loading(Mapped::Hot) | ModelState::Loaded(Mapped::Hot) | ModelState::Unloading(Mapped::Hot)
+        )
+    }
+
     /// Before a load: a failed model is retried, and the tier the weights will be mapped from
     /// (the hot tier when a copy is there) is what the engine found, which prewarm and
     /// eviction may have changed since the last load.
@@ -208,8 +236,13 @@ impl ModelWorker {
     pub fn spawn(cfg: WorkerConfig, queue_depth: usize) -> ModelWorker {
         let (tx, rx) = mpsc::channel(queue_depth.max(1));
         let (control, control_rx) = mpsc::unbounded_channel();
-        let runtime =
-            Arc::new(Mutex::new(Runtime { state: "unloaded", footprint: Some(cfg.footprint), ..Default::default() }));
+        let runtime = Arc::new(Mutex::new(Runtime {
+            state: "unloaded",
+            // Until the engine has it (a url model not fetched yet).
+            phase: if cfg.store_path.is_file() { ModelState::Stored } else { ModelState::Missing },
+            footprint: Some(cfg.footprint),
+            ..Default::default()
+        }));
         let id = cfg.model_id.clone();
         let task = Task { cfg, rt: runtime.clone(), proc: None, backoff: Duration::ZERO, next_id: 1 };
         tokio::spawn(task.run(rx, control_rx));
