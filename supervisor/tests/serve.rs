@@ -917,7 +917,7 @@ fn a_worker_that_dies_while_idle_is_noticed_and_the_next_request_is_served() {
 }
 
 /// A process holding `bytes` of anonymous memory, in a cgroup of its own beside kilnd's:
-/// `head -c N /dev/zero | tail` keeps the whole newline-free "last line" in memory.
+/// `tail` keeps the whole newline-free "last line" of `head -c N /dev/zero` in memory.
 struct Hog {
     child: Child,
     cgroup: PathBuf,
@@ -931,7 +931,11 @@ impl Hog {
         std::fs::create_dir_all(&cgroup).unwrap();
         let child = Command::new("sh")
             .arg("-c")
-            .arg(format!("echo $$ > '{}/cgroup.procs' && head -c {bytes} /dev/zero | tail", cgroup.display()))
+            // The sleep keeps the pipe open: tail never sees its end, so it holds on.
+            .arg(format!(
+                "echo $$ > '{}/cgroup.procs' && (head -c {bytes} /dev/zero; exec sleep 3600) | tail",
+                cgroup.display()
+            ))
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
@@ -1056,10 +1060,15 @@ fn a_memory_hog_in_a_sibling_cgroup_evicts_unpinned_models_and_keeps_pinned() {
     // Back under evict (less its hysteresis margin) once the hog is gone.
     wait_for("the pressure did not ease once the hog left", 60, &|st| st["memory"]["pressure"] != "Evict");
     if journal {
-        let e = common::journal(kiln_supervisor::log::message_id::EVICTION, "spare", &since);
-        assert!(e.iter().any(|e| e["TIER"] == "hot" && e["REASON"] == "Evict"), "no hot-tier EVICTION: {e:?}");
-        assert!(e.iter().any(|e| e["TIER"] == "loaded"), "no loaded-tier EVICTION: {e:?}");
-        let pinned = common::journal(kiln_supervisor::log::message_id::EVICTION, "smollm2-135m", &since);
-        assert!(pinned.is_empty(), "the pinned model was evicted: {pinned:?}");
+        // This kilnd's entries only: other tests' kilnds evict their own models meanwhile.
+        let pid = format!("_PID={}", k.child.id());
+        let e = common::journal_matching(kiln_supervisor::log::message_id::EVICTION, &pid, &since);
+        let of = |id: &str| e.iter().filter(|e| e["MODEL"] == id).collect::<Vec<_>>();
+        assert!(
+            of("spare").iter().any(|e| e["TIER"] == "hot" && e["REASON"] == "Evict"),
+            "no hot-tier EVICTION: {e:?}"
+        );
+        assert!(of("spare").iter().any(|e| e["TIER"] == "loaded"), "no loaded-tier EVICTION: {e:?}");
+        assert!(of("smollm2-135m").is_empty(), "the pinned model was evicted: {e:?}");
     }
 }
