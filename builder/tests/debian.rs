@@ -186,6 +186,7 @@ fn boot_and_serve(
     }
     let guest = Guest { key: key.to_path_buf(), port: opts.ssh_port, known_hosts: key.with_file_name("known_hosts") };
     in_guest_checks(&guest);
+    oom_kill_under_cgroup_v2(&guest, &vm.api_url, &agent, &auth);
     deploys(&guest, &vm.api_url, &agent, &auth, spec_dir, pubkey, serial);
     drop(vm);
 }
@@ -220,6 +221,41 @@ impl Guest {
         assert!(out.status.success(), "`{cmd}` in the guest: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
+}
+
+/// cgroup v2's OOM killer on a loaded worker: its cgroup's memory.max is lowered below what
+/// it holds (swap off for it), the kernel kills it, kilnd notices at once (idle), logs it
+/// with the cgroup's memory events, and loads a fresh worker for the next request.
+fn oom_kill_under_cgroup_v2(g: &Guest, api: &str, agent: &ureq::Agent, auth: &str) {
+    let cg = "/sys/fs/cgroup/kiln.slice/kilnd.service/inference/smollm2-135m";
+    let status = || -> serde_json::Value {
+        let mut r = agent.get(&format!("{api}/status")).header("authorization", auth).call().unwrap();
+        serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap()
+    };
+    assert_eq!(status()["models"][0]["worker"]["state"], "loaded");
+    g.run(&format!("sh -c 'echo 0 > {cg}/memory.swap.max && echo 16M > {cg}/memory.max'"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let worker = loop {
+        let w = status()["models"][0]["worker"].clone();
+        if w["restarts"] == 1 {
+            break w;
+        }
+        assert!(std::time::Instant::now() < deadline, "the OOM kill went unnoticed: {w}");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    let phase = worker["phase"].as_str().unwrap_or_default();
+    assert!(phase.contains("OOM-killed: memory.events oom_kill +1"), "{worker}");
+    let events = g.run(&format!("cat {cg}/memory.events"));
+    assert!(events.lines().any(|l| l == "oom_kill 1"), "{events}");
+    let journal = g.run("journalctl -u kilnd --no-pager -o cat");
+    assert!(journal.contains("the idle worker for smollm2-135m exited") && journal.contains("OOM-killed"), "{journal}");
+    g.run(&format!("sh -c 'echo max > {cg}/memory.max && echo max > {cg}/memory.swap.max'"));
+    let body = serde_json::json!({"model": "smollm2-135m", "prompt": "Hi", "max_tokens": 1});
+    let mut r = agent.post(&format!("{api}/v1/completions")).header("authorization", auth).send_json(&body).unwrap();
+    let text = r.body_mut().read_to_string().unwrap();
+    assert_eq!(r.status().as_u16(), 200, "{text}");
+    let w = status()["models"][0]["worker"].clone();
+    assert_eq!((w["state"].as_str(), w["loads"].as_u64()), (Some("loaded"), Some(2)), "{w}");
 }
 
 /// Every memory and cache setting of the spec, checked inside the running guest.

@@ -301,7 +301,7 @@ fn supervise(
         // Each model's state machine follows the tiers the engine changed (prewarm, eviction).
         for m in &status.models {
             if let Some(w) = state.workers.get(&m.id) {
-                w.lock().follow_tiers(m.stored, m.hot);
+                w.lock().follow_tiers(&m.id, m.stored, m.hot);
             }
         }
         // Under pressure, idle loaded models go first (the weights stay in the hot tier or the

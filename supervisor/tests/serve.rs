@@ -1070,5 +1070,12 @@ fn a_memory_hog_in_a_sibling_cgroup_evicts_unpinned_models_and_keeps_pinned() {
         );
         assert!(of("spare").iter().any(|e| e["TIER"] == "loaded"), "no loaded-tier EVICTION: {e:?}");
         assert!(of("smollm2-135m").is_empty(), "the pinned model was evicted: {e:?}");
+        // And each step of the spare model's state machine.
+        let t = common::journal_matching(kiln_supervisor::log::message_id::TRANSITION, &pid, &since);
+        let spare: Vec<&str> =
+            t.iter().filter(|e| e["MODEL"] == "spare").filter_map(|e| e["REASON"].as_str()).collect();
+        for step in ["`promoted`", "`load-started`", "`load-finished`", "`unload-started`", "`unloaded`", "`demoted`"] {
+            assert!(spare.contains(&step), "no {step} TRANSITION for spare: {spare:?}");
+        }
     }
 }

@@ -122,38 +122,45 @@ impl Runtime {
     /// Applies `event` to the model's state machine; `state` follows its phase. A transition
     /// the machine refuses leaves both as they were and is logged (a kilnd bug, not a panic).
     pub fn transition(&mut self, model: &str, event: StateEvent) {
-        match self.phase.apply(event) {
-            Ok(next) => {
-                self.state = match &next {
-                    ModelState::Loading(_) => "loading",
-                    ModelState::Loaded(_) => "loaded",
-                    ModelState::Unloading(_) => "unloading",
-                    ModelState::Failed { .. } => "failed",
-                    _ => "unloaded",
-                };
-                self.phase = next;
-            }
-            Err(e) => tracing::warn!(model = %model, "state machine: {e}"),
+        if let Err(e) = self.apply(model, event) {
+            tracing::warn!(model = %model, "state machine: {e}");
         }
+    }
+
+    /// One transition of the model's state machine, logged (TRANSITION) when it is allowed.
+    fn apply(&mut self, model: &str, event: StateEvent) -> Result<(), crate::policy::state::TransitionError> {
+        let label = event.to_string();
+        let next = self.phase.apply(event)?;
+        tracing::info!(
+            message_id = message_id::TRANSITION,
+            model = %model,
+            reason = %label,
+            "{model}: {} -> {next} on {label}",
+            self.phase
+        );
+        self.state = match &next {
+            ModelState::Loading(_) => "loading",
+            ModelState::Loaded(_) => "loaded",
+            ModelState::Unloading(_) => "unloading",
+            ModelState::Failed { .. } => "failed",
+            _ => "unloaded",
+        };
+        self.phase = next;
+        Ok(())
     }
 
     /// Follows where the engine says the bytes are: a tmpfs copy made by prewarm or removed
     /// by eviction (Promoted/Demoted, in any phase the machine allows), a model fetched into
     /// the store. A change the machine does not allow now (a mapped tmpfs copy cannot be
     /// demoted) is taken on a later call, once the phase allows it.
-    pub fn follow_tiers(&mut self, stored: bool, hot: bool) {
+    pub fn follow_tiers(&mut self, model: &str, stored: bool, hot: bool) {
         if matches!(self.phase, ModelState::Missing) && stored {
             for event in [StateEvent::FetchStarted, StateEvent::Fetched] {
-                if let Ok(next) = self.phase.apply(event) {
-                    self.phase = next;
-                }
+                let _ = self.apply(model, event);
             }
         }
         if self.phase.in_store() && self.phase.is_hot() != hot {
-            let event = if hot { StateEvent::Promoted } else { StateEvent::Demoted };
-            if let Ok(next) = self.phase.apply(event) {
-                self.phase = next;
-            }
+            let _ = self.apply(model, if hot { StateEvent::Promoted } else { StateEvent::Demoted });
         }
     }
 
