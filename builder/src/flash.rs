@@ -21,6 +21,8 @@ use crate::image::bmap::{self, Bmap, BmapError, BmapRange};
 /// The first MiB holds the MBR/GPT and, on a Pi, nothing else; it is written last.
 const HEAD_BYTES: u64 = 1 << 20;
 const IO_BUFFER_BYTES: usize = 4 << 20;
+/// Bytes read back and hashed between two progress ticks.
+const VERIFY_CHUNK_BYTES: u64 = 32 << 20;
 const SYS_DEV_BLOCK: &str = "/sys/dev/block";
 const SYS_CLASS_BLOCK: &str = "/sys/class/block";
 const PROC_MOUNTINFO: &str = "/proc/self/mountinfo";
@@ -407,7 +409,7 @@ impl Job<'_> {
         let mut off = start;
         while off < end {
             // Chunks, so progress moves while a long range is read back.
-            let stop = end.min(off + IO_BUFFER_BYTES as u64);
+            let stop = end.min(off + VERIFY_CHUNK_BYTES);
             bmap::hash_file_range(h, f, off, stop)
                 .map_err(|source| FlashError::Read { path: path.to_path_buf(), source })?;
             if count {
