@@ -29,7 +29,13 @@ fi
 if ! command -v bmaptool >/dev/null; then
   apt-get install -y --no-install-recommends bmap-tools >/dev/null
 fi
+# Debian's mkosi (14 in bookworm), the other declarative image builder: tried on an
+# equivalent image in the builder section.
+if ! command -v mkosi >/dev/null; then
+  apt-get install -y mkosi >/dev/null
+fi
 
 echo "llama_server=$bin/llama-server"
 echo "llama_bench=$bin/llama-bench"
 echo "bmaptool=$(command -v bmaptool)"
+echo "mkosi=$(command -v mkosi)"

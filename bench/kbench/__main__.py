@@ -31,6 +31,7 @@ class Ctx:
     def __init__(self, a):
         self.repo, self.src, self.model, self.kilnd, self.kiln = a.repo, a.src, a.model, a.kilnd, a.kiln
         self.llama_server, self.llama_bench, self.bmaptool = a.llama_server, a.llama_bench, a.bmaptool
+        self.mkosi = a.mkosi
         self.work = os.path.join(a.cache, "work")
         self.results = os.path.join(a.cache, "results")
         os.makedirs(self.results, exist_ok=True)
@@ -92,7 +93,7 @@ class Ctx:
 
 def main():
     ap = argparse.ArgumentParser()
-    for opt in ("repo", "src", "cache", "model", "kilnd", "kiln", "llama-server", "llama-bench", "bmaptool", "commands"):
+    for opt in ("repo", "src", "cache", "model", "kilnd", "kiln", "llama-server", "llama-bench", "bmaptool", "mkosi", "commands"):
         ap.add_argument(f"--{opt}", required=True)
     ap.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", "5")))
     ap.add_argument("--sections", default=os.environ.get("BENCH_SECTIONS", ",".join(SECTIONS)))

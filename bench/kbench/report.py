@@ -133,7 +133,7 @@ def write(repo, results_dir, order, machine, commands):
             n = r.get("note")
             if n and n not in notes:
                 notes.append(n)
-        for n in notes:
+        for n in notes + (s.get("raw") or {}).get("notes", []):
             w(f"- {n}")
         for r in s["rows"]:
             if r["name"] in explain:

@@ -1,6 +1,7 @@
 """Prewarm (store -> tmpfs with hash-on-copy vs `cat`) and the builder (build, config-only
 rebuild, flash vs bmaptool)."""
 
+import hashlib
 import os
 import re
 import shutil
@@ -178,16 +179,81 @@ def builder(ctx, rounds):
             procs.warm_page_cache(image)
             acc.append(_timed(cmd))
         ctx.log(f"flash round {r}: kiln {kf[-1]:.2f} s, bmaptool {bf[-1]:.2f} s")
+    mk = _mkosi(ctx, spec)
+    ctx.log(f"mkosi: {mk}")
     step_txt = ", ".join(f"{k} {sorted(v)[len(v) // 2]:.2f} s" for k, v in steps.items() if k != "total")
     note_b = ("the Debian base comes from kiln's cache (~/.cache/kiln/bases, built once by mmdebstrap); "
               "each round builds into an empty output directory. A truly cold build (mmdebstrap of the base) is not "
               "measured: see below")
-    return [
+    rows = [
         figure("kiln build, \"cold\": empty output directory, Debian base cached", "s", "lower", full, None, note_b),
         figure("kiln build, config-only rebuild (memory.swappiness changed)", "s", "lower", rebuild, ("<=", 15.0),
                "same output directory, right after the full build; kiln's own step timings (median): " + step_txt),
         comparison("flash image to a regular file", "s", "lower", kf, "bmaptool copy", bf, ("<=", 1.0),
                    f"image {img_size / 2**20:.0f} MiB (sparse; the .img.bmap next to it drives both); image in the "
                    "page cache; target removed before each run; ratio is time (<= 1.0 means kiln is as fast or faster)"),
-    ], {"build": full, "rebuild": rebuild, "flash_kiln": kf, "flash_bmaptool": bf, "image_bytes": img_size,
-                  "rebuild_steps": steps}
+    ]
+    notes = []
+    if mk["ok"]:
+        # mkosi builds from scratch (debootstrap, no cache): compare with kiln from an empty cache.
+        cold = _timed([ctx.kiln, "build", spec, "--out", ctx.state("build-cold"), "--kilnd", kilnd],
+                      env=dict(os.environ, KILN_CACHE=ctx.state("empty-cache")))
+        rows.append(comparison("build from scratch (empty caches): kiln vs mkosi", "s", "lower", [cold], "mkosi build",
+                               [mk["seconds"]], None, "one round each; both bootstrap Debian bookworm from the mirror"))
+    else:
+        notes.append(f"{mk['version']} could not build the equivalent image here (`mkosi --force build` exited "
+                     f"{mk['status']} after {mk['seconds']:.1f} s; first error: `{mk['error']}`), so it has no row. "
+                     "mkosi 14 formats gpt_ext4 images on a loop device and mounts the partitions to fill them (the "
+                     "ESP too, as vfat); kiln fills its filesystems without mounting anything (mke2fs -d, mtools), "
+                     "which is also why it builds on this machine, whose kernel cannot mount vfat.")
+    return rows, {"build": full, "rebuild": rebuild, "flash_kiln": kf, "flash_bmaptool": bf, "image_bytes": img_size,
+                  "rebuild_steps": steps, "mkosi": mk, "notes": notes}
+
+
+# kiln's Debian base beyond minbase (builder/src/base/debian.rs BASE_PACKAGES + the kernel).
+KILN_BASE_PACKAGES = ["systemd", "systemd-sysv", "udev", "dbus", "systemd-zram-generator", "systemd-boot-efi", "kmod",
+                      "iproute2", "linux-image-cloud-amd64"]
+
+
+def _mkosi(ctx, spec):
+    """One `mkosi build` of the image kiln builds from `spec`: the same Debian suite and packages,
+    the rendered generation, kilnd and the model as extra trees, a bootable gpt_ext4 disk."""
+    d = ctx.state("mkosi")
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    extra = os.path.join(d, "extra")
+    subprocess.run([ctx.kiln, "render", spec, "--out", extra], check=True, capture_output=True)
+    os.makedirs(os.path.join(extra, "usr/bin"), exist_ok=True)
+    shutil.copy2(ctx.kilnd, os.path.join(extra, "usr/bin/kilnd"))
+    store = os.path.join(extra, "var/lib/kiln/models")
+    os.makedirs(store, exist_ok=True)
+    h = hashlib.sha256()
+    with open(ctx.model, "rb") as f:
+        while b := f.read(1 << 20):
+            h.update(b)
+    dest = os.path.join(store, f"{h.hexdigest()}.gguf")
+    try:
+        os.link(ctx.model, dest)
+    except OSError:
+        shutil.copy2(ctx.model, dest)
+    with open(os.path.join(extra, "etc/kiln/packages.list")) as f:
+        packages = sorted(set(KILN_BASE_PACKAGES) | {p.strip() for p in f if p.strip()})
+    with open(os.path.join(d, "mkosi.default"), "w") as f:
+        f.write("[Distribution]\nDistribution=debian\nRelease=bookworm\nMirror=http://deb.debian.org/debian\n\n"
+                "[Output]\nFormat=gpt_ext4\nBootable=yes\nOutput=image.raw\n\n"
+                f"[Content]\nPackages={','.join(packages)}\nExtraTrees=extra\n")
+    version = subprocess.run([ctx.mkosi, "--version"], capture_output=True, text=True).stdout.strip()
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run([ctx.mkosi, "--force", "build"], cwd=d, capture_output=True, text=True, timeout=3600)
+        status, out = p.returncode, p.stdout + p.stderr
+    except subprocess.TimeoutExpired as e:
+        status, out = "timeout", str(e)
+    secs = time.perf_counter() - t0
+    ok = status == 0 and os.path.exists(os.path.join(d, "image.raw"))
+    # What failed first: a tool's own message (mount: ...), else the first exception line.
+    lines = [l.strip() for l in out.splitlines()]
+    first = [l for l in lines if re.match(r"^(mount|umount|mkfs[.\w]*|losetup|debootstrap|E):", l)]
+    errors = [l for l in lines if "Error" in l or "error:" in l or "returned non-zero" in l]
+    error = (first or errors or lines[-1:] or ["no output"])[0][:400]
+    return {"ok": ok, "status": status, "seconds": secs, "version": version, "error": error}
