@@ -82,9 +82,14 @@ fn run_places_cgroups_prewarms_at_boot_and_stops_cleanly() {
         std::thread::sleep(Duration::from_millis(50));
     };
     let left_inference = cg.join("inference").exists();
-    let _ = std::fs::remove_dir(cg.join("inference"));
-    let _ = std::fs::remove_dir(cg.join("prewarm"));
-    let _ = std::fs::remove_dir(&cg);
+    // kilnd leaves the parent it was given (on a device, its unit's cgroup): remove it, and
+    // anything left below it, in every v1 hierarchy kilnd used (memory, cpu, cpuset, blkio).
+    for h in std::fs::read_dir("/sys/fs/cgroup").unwrap().filter_map(Result::ok) {
+        let dir = h.path().join(&parent);
+        let _ = std::fs::remove_dir(dir.join("inference"));
+        let _ = std::fs::remove_dir(dir.join("prewarm"));
+        let _ = std::fs::remove_dir(&dir);
+    }
     assert!(hot.exists(), "the at-boot prewarm did not bring the model into the hot tier");
     assert_eq!(limit.unwrap().trim(), "1073741824");
     assert_eq!(soft.unwrap().trim(), (768u64 << 20).to_string());
