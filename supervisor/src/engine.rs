@@ -255,13 +255,13 @@ impl Engine {
         policy::prewarm_order(&views, &self.spec.cache.prewarm.models, &self.demand, hour, budget, used)
     }
 
-    /// Reads memory pressure and acts: demotes idle, unpinned hot copies under Evict and
-    /// Emergency (no workers hold them yet). Level changes and demotions are logged.
     /// Which models' tmpfs copies workers map now (the server tells before each reaction).
     pub fn set_mapped_hot(&mut self, ids: impl IntoIterator<Item = String>) {
         self.mapped_hot = ids.into_iter().collect();
     }
 
+    /// Reads memory pressure and acts: demotes unpinned hot copies under Evict and Emergency,
+    /// except those a worker maps (`set_mapped_hot`). Level changes and demotions are logged.
     pub fn react_to_pressure(&mut self, reading: policy::MemReading) -> Result<Level> {
         let level = self.pressure.update(reading);
         if level != self.level {

@@ -150,15 +150,13 @@ impl Validator<'_> {
         if let Some(s) = &m.sampling {
             self.sampling(&at("sampling"), s);
         }
-        let kv_bytes = header.as_ref().and_then(|h| h.kv_cache_bytes(u64::from(context)));
-        let repacked_bytes = header.as_ref().zip(hw).map(|(h, hw)| h.repacked_bytes(hw.profile.cpu_repack));
-        let model = Model {
+        let mut model = Model {
             id: m.id.clone(),
             source: source?,
             sha256: m.sha256.clone(),
             size_bytes,
-            kv_bytes,
-            repacked_bytes,
+            kv_bytes: None,
+            repacked_bytes: None,
             context,
             threads,
             batch,
@@ -167,6 +165,10 @@ impl Validator<'_> {
             chat_template: m.chat_template.clone(),
             sampling: m.sampling.clone().unwrap_or_default(),
         };
+        if let Some(h) = &header {
+            model.complete_from(h, hw.map_or(gguf::Repack::None, |hw| hw.profile.cpu_repack));
+        }
+        let (kv_bytes, repacked_bytes) = (model.kv_bytes, model.repacked_bytes);
         if let Some(max) = cg.and_then(|cg| cg.inference.memory_max_bytes)
             && model.footprint_bytes() > max
         {

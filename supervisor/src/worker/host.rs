@@ -320,9 +320,7 @@ impl Task {
                 // shrank, killed by hand) is noticed now, not by the next request.
                 _ = exited(&mut self.proc), if self.proc.is_some() => {
                     let how = self.reap().await;
-                    let oom = how.contains("OOM-killed");
-                    let id = if oom { message_id::OOM_KILL } else { message_id::WORKER_EXITED };
-                    tracing::error!(message_id = id, model = %self.cfg.model_id, "the idle worker for {} exited ({how}); it is loaded again on the next request", self.cfg.model_id);
+                    tracing::error!(message_id = how.message_id(), model = %self.cfg.model_id, "the idle worker for {} exited ({how}); it is loaded again on the next request", self.cfg.model_id);
                     self.cfg.metrics.restarts.get_or_create(&crate::metrics::Metrics::model(&self.cfg.model_id)).inc();
                     let mut rt = self.rt();
                     rt.restarts += 1;
@@ -432,8 +430,7 @@ impl Task {
             // The worker died or the socket broke: find out how, answer 503, restart later.
             let how = self.reap().await;
             let message = format!("the worker for {} exited during the request ({how}); retry", self.cfg.model_id);
-            let id = if how.contains("OOM-killed") { message_id::OOM_KILL } else { message_id::WORKER_EXITED };
-            tracing::error!(message_id = id, model = %self.cfg.model_id, error = %e, "{message}");
+            tracing::error!(message_id = how.message_id(), model = %self.cfg.model_id, error = %e, "{message}");
             self.cfg.metrics.restarts.get_or_create(&crate::metrics::Metrics::model(&self.cfg.model_id)).inc();
             self.bump_backoff();
             {
@@ -535,8 +532,8 @@ impl Task {
     }
 
     /// Waits for a dead worker and says how it ended (with its cgroup's memory events).
-    async fn reap(&mut self) -> String {
-        let Some(mut p) = self.proc.take() else { return "not running".into() };
+    async fn reap(&mut self) -> Exit {
+        let Some(mut p) = self.proc.take() else { return Exit { how: "not running".into(), oom: false } };
         let status = match tokio::time::timeout(Duration::from_secs(5), p.child.wait()).await {
             Ok(Ok(s)) => s.to_string(),
             _ => {
@@ -546,25 +543,26 @@ impl Task {
         };
         let how = self.with_memory_events(status, &p.events_before);
         let mut rt = self.rt();
-        rt.transition(&self.cfg.model_id, StateEvent::Crashed(how.clone()));
+        rt.transition(&self.cfg.model_id, StateEvent::Crashed(how.to_string()));
         rt.pid = None;
         how
     }
 
     /// `status`, plus the OOM kills the model's cgroup counted since `before`.
-    fn with_memory_events(&self, status: String, before: &MemoryEvents) -> String {
+    fn with_memory_events(&self, status: String, before: &MemoryEvents) -> Exit {
         if let Some((backend, cg)) = &self.cfg.backend
             && let Ok(ev) = backend.memory_events(cg)
         {
             let oom = ev.oom_kill.saturating_sub(before.oom_kill);
             if oom > 0 {
-                return format!(
+                let how = format!(
                     "{status}; OOM-killed: memory.events oom_kill +{oom}, max +{}",
                     ev.max - before.max.min(ev.max)
                 );
+                return Exit { how, oom: true };
             }
         }
-        status
+        Exit { how: status, oom: false }
     }
 
     async fn load(&mut self) -> Result<Proc> {
@@ -594,7 +592,7 @@ impl Task {
             cmd.arg("--prefix-dir").arg(dir);
         }
         cmd.stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs))).stdout(Stdio::null()).kill_on_drop(true);
-        let child = cmd.spawn().with_context(|| format!("starting {} worker", c.exe.display()))?;
+        let mut child = cmd.spawn().with_context(|| format!("starting {} worker", c.exe.display()))?;
         // The command holds our copy of the worker's end of the socket: without dropping it,
         // a worker that dies while loading would never close the socket for us.
         drop(cmd);
@@ -616,17 +614,14 @@ impl Task {
             .map_err(|_| anyhow!("no answer within {} s", c.load_timeout.as_secs()))?
             .context("reading from the worker")?;
         let Some(first) = first else {
-            let mut child = child;
             let status = match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
                 Ok(Ok(s)) => s.to_string(),
                 _ => "its socket closed".to_string(),
             };
             let how = self.with_memory_events(status, &events_before);
-            let id = if how.contains("OOM-killed") { message_id::OOM_KILL } else { message_id::WORKER_EXITED };
-            tracing::error!(message_id = id, model = %self.cfg.model_id, "the worker for {} exited while loading ({how})", self.cfg.model_id);
+            tracing::error!(message_id = how.message_id(), model = %self.cfg.model_id, "the worker for {} exited while loading ({how})", self.cfg.model_id);
             return Err(anyhow!("the worker exited while loading ({how})"));
         };
-        let c = &self.cfg;
         match serde_json::from_str::<Event>(&first).context("the worker's first line")? {
             Event::Loaded(info) => {
                 tracing::info!(
@@ -666,6 +661,26 @@ impl Task {
             Event::LoadFailed { message } => Err(anyhow!(message)),
             other => Err(anyhow!("unexpected first event {other:?}")),
         }
+    }
+}
+
+/// How a worker ended: its exit status (and the cgroup's OOM kills), and whether the
+/// kernel's OOM killer was the cause.
+struct Exit {
+    how: String,
+    oom: bool,
+}
+
+impl Exit {
+    /// The journal event it is logged as.
+    fn message_id(&self) -> &'static str {
+        if self.oom { message_id::OOM_KILL } else { message_id::WORKER_EXITED }
+    }
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.how)
     }
 }
 
