@@ -2,7 +2,7 @@
 # Builds the peers once into the cache, keyed by version, and prints their paths:
 # llama.cpp's llama-server and llama-bench from the copy vendored in the PyPI sdist
 # llama-cpp-python (same flags as kilnd's build: AVX2/FMA/F16C, no OpenMP, Release),
-# and Debian's bmaptool.
+# and Debian's bmaptool and mkosi.
 set -euo pipefail
 
 cache=${KILN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kiln}
@@ -26,13 +26,14 @@ if [[ ! -x $bin/llama-server || ! -x $bin/llama-bench ]]; then
   cmake --build "$dir/build" --target llama-server llama-bench -j"$(nproc)" >"$dir/cmake-build.log"
 fi
 
+# Debian's bmaptool, and mkosi (14 in bookworm), the other declarative image builder: tried
+# on an equivalent image in the builder section. An empty package list is fetched first.
+apt_install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null; }
 if ! command -v bmaptool >/dev/null; then
-  apt-get install -y --no-install-recommends bmap-tools >/dev/null
+  apt_install --no-install-recommends bmap-tools || { apt-get update -q >/dev/null && apt_install --no-install-recommends bmap-tools; }
 fi
-# Debian's mkosi (14 in bookworm), the other declarative image builder: tried on an
-# equivalent image in the builder section.
 if ! command -v mkosi >/dev/null; then
-  apt-get install -y mkosi >/dev/null
+  apt_install mkosi || { apt-get update -q >/dev/null && apt_install mkosi; }
 fi
 
 echo "llama_server=$bin/llama-server"
