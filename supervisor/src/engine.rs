@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::log::message_id;
 use crate::policy::{self, Level, PressureTracker, Thresholds};
-use crate::store::{CopyOptions, FetchOptions, HotTier, Store, StoreError};
+use crate::store::{CopyOptions, CopyReport, FetchOptions, HotTier, Store, StoreError};
 
 /// Where the engine keeps things on this machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -199,8 +199,13 @@ impl Engine {
                 done.push(id.clone());
                 continue;
             };
+            let check = self.store.check_digest(&m.sha256);
             if hot.contains(&m.sha256) {
-                if hot.verify(&m.sha256)? {
+                let intact = match &check {
+                    Some(blake3) => hot.verify_checked(&m.sha256, blake3)?,
+                    None => hot.verify(&m.sha256)?,
+                };
+                if intact {
                     done.push(id.clone());
                     continue;
                 }
@@ -211,7 +216,7 @@ impl Engine {
                 rate_limit_bytes_per_sec: self.spec.cache.prewarm.rate_bytes_per_sec,
                 cancel: cancel.clone(),
             };
-            match hot.promote(&src, &m.sha256, &opts, &|_, _| {}) {
+            match self.promote(hot, m, &src, check.as_deref(), &opts) {
                 Ok(r) => {
                     tracing::info!(
                         message_id = message_id::PREWARM_DONE,
@@ -236,6 +241,34 @@ impl Engine {
             }
         }
         Ok(done)
+    }
+
+    /// Copies `m` from the store into the hot tier, checked against the store's check digest
+    /// when it has one (BLAKE3, fast) and else against the spec's SHA-256, recording the
+    /// check digest from that copy. A copy that misses the check digest drops it and is
+    /// made again against the SHA-256, which decides.
+    fn promote(
+        &self,
+        hot: &HotTier,
+        m: &Model,
+        src: &Path,
+        check: Option<&str>,
+        opts: &CopyOptions,
+    ) -> Result<CopyReport, StoreError> {
+        if let Some(blake3) = check {
+            match hot.promote_checked(src, &m.sha256, blake3, opts, &|_, _| {}) {
+                Err(StoreError::CheckMismatch { .. }) => {
+                    tracing::warn!(model = %m.id, sha256 = %m.sha256, "copy missed the store's check digest: dropping it and copying again against the sha256");
+                    self.store.forget_check(&m.sha256)?;
+                }
+                done => return done,
+            }
+        }
+        let report = hot.promote(src, &m.sha256, opts, &|_, _| {})?;
+        if let Some(blake3) = &report.blake3 {
+            self.store.record_check_or_warn(&m.sha256, blake3);
+        }
+        Ok(report)
     }
 
     /// The models prewarm brings in: the spec's prewarm list, pins first.

@@ -101,6 +101,57 @@ fn prewarm_now_copies_verifies_and_logs_to_journald() {
     );
 }
 
+/// Prewarm checks copies against the store's BLAKE3 check digest, records one for a file that
+/// came without (a built image's store), and lets the sha256 decide when the two disagree.
+#[test]
+fn prewarm_records_and_uses_the_store_check_digest_and_the_sha256_decides() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec_path = device(tmp.path());
+    let loaded = kiln_spec::load_file(&spec_path, kiln_spec::Context::Device).unwrap();
+    let engine = kiln_supervisor::engine::Engine::open(loaded.spec, Some(tmp.path())).unwrap();
+    let sha = engine.model("tiny").unwrap().sha256.clone();
+    let stored = tmp.path().join(format!("var/lib/kiln/models/{sha}.gguf"));
+    let digest = tmp.path().join(format!("var/lib/kiln/models/{sha}.b3"));
+    let hot = tmp.path().join(format!("var/cache/kiln/hot/{sha}.gguf"));
+    let b3 = blake3::hash(&std::fs::read(&stored).unwrap()).to_hex().to_string();
+    let tiny = ["tiny".to_string()];
+    assert!(!digest.exists());
+
+    // First copy: checked against the sha256; the BLAKE3 of those bytes is recorded.
+    assert_eq!(engine.prewarm(&tiny, None).unwrap(), tiny);
+    assert_eq!(std::fs::read_to_string(&digest).unwrap().trim(), b3);
+    assert_eq!(std::fs::read(&hot).unwrap(), std::fs::read(&stored).unwrap());
+
+    // The hot copy is verified against the digest; a flipped byte in it is found and re-copied.
+    let mut bytes = std::fs::read(&hot).unwrap();
+    bytes[100] ^= 1;
+    std::fs::write(&hot, &bytes).unwrap();
+    engine.prewarm(&tiny, None).unwrap();
+    assert_eq!(std::fs::read(&hot).unwrap(), std::fs::read(&stored).unwrap());
+
+    // A wrong digest (the store file is fine): the copy misses it, the digest is dropped, the
+    // copy is made again against the sha256, and the right digest recorded.
+    std::fs::remove_file(&hot).unwrap();
+    std::fs::write(&digest, format!("{}\n", "0".repeat(64))).unwrap();
+    engine.prewarm(&tiny, None).unwrap();
+    assert_eq!(std::fs::read(&hot).unwrap(), std::fs::read(&stored).unwrap());
+    assert_eq!(std::fs::read_to_string(&digest).unwrap().trim(), b3);
+
+    // The store file rots after its digest was recorded: the digest catches it, the sha256
+    // confirms it, and nothing lands in the hot tier.
+    std::fs::remove_file(&hot).unwrap();
+    let mut bytes = std::fs::read(&stored).unwrap();
+    bytes[2 << 20] ^= 0x10;
+    std::fs::write(&stored, &bytes).unwrap();
+    let err = format!("{:#}", engine.prewarm(&tiny, None).unwrap_err());
+    assert!(err.contains("prewarming tiny") && err.contains("sha256 mismatch"), "{err}");
+    assert!(!hot.exists());
+    assert!(!digest.exists(), "a digest that no copy matches was kept");
+    let leftovers: Vec<_> =
+        std::fs::read_dir(hot.parent().unwrap()).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
 #[test]
 fn memory_pressure_demotes_unpinned_hot_copies_and_keeps_pinned() {
     let test = "memory_pressure_demotes_unpinned_hot_copies_and_keeps_pinned";

@@ -24,6 +24,10 @@ fn sha_of(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+fn blake3_of(bytes: &[u8]) -> String {
+    blake3::hash(bytes).to_hex().to_string()
+}
+
 /// Deterministic bytes that do not compress or repeat (xorshift).
 fn pattern(len: u64, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;
@@ -75,6 +79,28 @@ fn import_good_file_lands_under_final_name() {
     assert_eq!(last.load(Ordering::Relaxed), 3 * MIB + 17);
     assert!(hidden_files(store.root()).is_empty());
     store.verify(&sha).unwrap();
+    // The same pass recorded the BLAKE3 of the bytes as the store's check digest.
+    assert_eq!(store.check_digest(&sha), Some(blake3_of(&std::fs::read(&src).unwrap())));
+}
+
+#[test]
+fn check_digest_is_written_whole_and_read_back_only_when_well_formed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(tmp.path()).unwrap();
+    let sha = sha_of(b"m");
+    let b3 = blake3_of(b"m");
+    assert_eq!(store.check_digest(&sha), None);
+    store.record_check(&sha, &b3.to_uppercase()).unwrap();
+    assert_eq!(std::fs::read_to_string(store.check_path_of(&sha)).unwrap(), format!("{b3}\n"));
+    assert_eq!(store.check_digest(&sha), Some(b3.clone()));
+    assert!(hidden_files(tmp.path()).is_empty(), "temporary left: {:?}", hidden_files(tmp.path()));
+    assert!(matches!(store.record_check(&sha, "not-hex").unwrap_err(), StoreError::InvalidHash { .. }));
+    // A torn or edited digest file counts as none (the sha256 then decides).
+    std::fs::write(store.check_path_of(&sha), &b3[..40]).unwrap();
+    assert_eq!(store.check_digest(&sha), None);
+    store.forget_check(&sha).unwrap();
+    assert!(!store.check_path_of(&sha).exists());
+    store.forget_check(&sha).unwrap();
 }
 
 #[test]
@@ -109,10 +135,12 @@ fn store_verify_removes_a_corrupted_file() {
     let (src, sha) = model_file(tmp.path(), "m.gguf", MIB);
     let store = Store::open(&tmp.path().join("models")).unwrap();
     let path = store.import("m", &src, &sha, &no_progress).unwrap();
+    assert!(store.check_digest(&sha).is_some());
     flip_byte(&path, 1000);
     let err = store.verify(&sha).unwrap_err();
     assert!(matches!(err, StoreError::HashMismatch { .. }), "{err:?}");
     assert!(!store.contains(&sha), "a corrupt file must never be used");
+    assert!(store.check_digest(&sha).is_none(), "the check digest of a removed file stays behind");
 }
 
 // ---- fetch, against a minimal HTTP/1.1 server with Range support ----
@@ -218,6 +246,8 @@ fn fetch_resumes_with_a_range_request_after_a_dropped_connection() {
     assert_eq!(*server.ranges.lock().unwrap(), vec![None, Some("bytes=1000000-".to_owned())]);
     assert_eq!(std::fs::read(&path).unwrap(), body);
     store.verify(&sha).unwrap();
+    // Both hashes carried across the dropped connection.
+    assert_eq!(store.check_digest(&sha), Some(blake3_of(&body)));
     assert!(hidden_files(tmp.path()).is_empty());
 }
 
@@ -236,6 +266,8 @@ fn fetch_resumes_a_part_file_left_by_an_earlier_call() {
     store.fetch("m", &server.url, &sha, None, &fetch_opts(1), &no_progress).unwrap();
     assert_eq!(server.ranges.lock().unwrap()[1].as_deref(), Some("bytes=500000-"));
     store.verify(&sha).unwrap();
+    // The part file's bytes were re-hashed into both digests on resume.
+    assert_eq!(store.check_digest(&sha), Some(blake3_of(&body)));
 }
 
 #[test]
@@ -345,6 +377,45 @@ fn flipped_byte_fails_verify_and_demote_promote_restores() {
 }
 
 #[test]
+fn promote_checked_copies_against_the_check_digest_and_refuses_a_mismatch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, sha) = model_file(tmp.path(), "m.gguf", 3 * MIB + 5);
+    let b3 = blake3_of(&std::fs::read(&src).unwrap());
+    let hot = HotTier::open(&tmp.path().join("hot"), 64 * MIB).unwrap();
+    // Checked against the sha256, the copy reports the BLAKE3 for the store to record.
+    let report = hot.promote(&src, &sha, &CopyOptions::default(), &no_progress).unwrap();
+    assert_eq!(report.blake3.as_deref(), Some(b3.as_str()));
+    hot.demote(&sha).unwrap();
+
+    let report = hot.promote_checked(&src, &sha, &b3, &CopyOptions::default(), &no_progress).unwrap();
+    assert_eq!((report.bytes, report.blake3), (3 * MIB + 5, None));
+    assert_eq!(std::fs::read(hot.path_of(&sha)).unwrap(), std::fs::read(&src).unwrap());
+    assert!(hot.verify_checked(&sha, &b3).unwrap() && hot.verify(&sha).unwrap());
+    flip_byte(&hot.path_of(&sha), 2 * MIB as usize);
+    assert!(!hot.verify_checked(&sha, &b3).unwrap());
+    hot.demote(&sha).unwrap();
+
+    // A source that changed since the digest was recorded: nothing is kept.
+    flip_byte(&src, 17);
+    let err = hot.promote_checked(&src, &sha, &b3, &CopyOptions::default(), &no_progress).unwrap_err();
+    match &err {
+        StoreError::CheckMismatch { path, expected, actual } => {
+            assert_eq!((path, expected), (&src, &b3));
+            assert_eq!(*actual, blake3_of(&std::fs::read(&src).unwrap()));
+        }
+        other => panic!("expected a check digest mismatch, got {other:?}"),
+    }
+    assert!(err.to_string().contains("check digest"), "{err}");
+    assert!(!hot.contains(&sha));
+    assert!(std::fs::read_dir(hot.dir()).unwrap().next().is_none(), "temporary copy left");
+    // Throttled and cancellable like the sha256 copy.
+    let cancel = Arc::new(AtomicBool::new(true));
+    let opts = CopyOptions { rate_limit_bytes_per_sec: None, cancel: Some(cancel) };
+    let err = hot.promote_checked(&src, &sha, &b3, &opts, &no_progress).unwrap_err();
+    assert!(matches!(err, StoreError::Cancelled), "{err:?}");
+}
+
+#[test]
 fn promote_over_budget_is_refused_before_copying() {
     let tmp = tempfile::tempdir().unwrap();
     let (a, sha_a) = model_file(tmp.path(), "a.gguf", 3 * MIB);
@@ -385,6 +456,15 @@ fn rate_limit_throttles_the_copy() {
     assert!(elapsed < Duration::from_secs(30), "{elapsed:?}");
     assert_eq!(report.bytes, 8 * MIB);
     assert!(hot.verify(&sha).unwrap());
+
+    // The copy checked against the store's BLAKE3 keeps to the rate too.
+    hot.demote(&sha).unwrap();
+    let b3 = report.blake3.unwrap();
+    let started = Instant::now();
+    hot.promote_checked(&src, &sha, &b3, &opts, &no_progress).unwrap();
+    let elapsed = started.elapsed();
+    assert!(elapsed >= Duration::from_millis(400), "8 MiB at 16 MiB/s took {elapsed:?}");
+    assert!(hot.verify_checked(&sha, &b3).unwrap());
 }
 
 #[test]

@@ -20,6 +20,11 @@ pub enum StoreError {
     #[error("{path}: sha256 mismatch for model {model}: expected {expected}, got {actual}")]
     HashMismatch { model: String, path: PathBuf, expected: String, actual: String },
 
+    /// A copy out of the store does not hash to the store's recorded check digest (BLAKE3).
+    /// The copy was removed; the caller drops the digest and checks the SHA-256 instead.
+    #[error("{path}: copy does not match the store's check digest (blake3 {expected}, got {actual})")]
+    CheckMismatch { path: PathBuf, expected: String, actual: String },
+
     /// A download does not hash to what the manifest promised; the part file was removed.
     #[error("model {model}: sha256 mismatch in {url}: expected {expected}, got {actual}")]
     DownloadHashMismatch { model: String, url: String, expected: String, actual: String },

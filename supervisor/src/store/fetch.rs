@@ -6,9 +6,7 @@ use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
-
-use super::copy::{CHUNK_BYTES, PipelinedHasher, Pump, PumpError};
+use super::copy::{CHUNK_BYTES, Digests, PipelinedHasher, Pump, PumpError};
 use super::error::{IoContext, StoreError};
 use super::persistent::{PartFile, Store};
 
@@ -45,7 +43,7 @@ enum Failed {
 /// The part file, and the hash state and length of what it holds.
 struct Download<'a> {
     part: PartFile,
-    hashed: Sha256,
+    hashed: Digests,
     offset: u64,
     id: &'a str,
     url: &'a str,
@@ -74,7 +72,7 @@ impl Store {
         let started = Instant::now();
         let mut dl = Download {
             part: self.lock_part(&sha)?,
-            hashed: Sha256::new(),
+            hashed: Digests::default(),
             offset: 0,
             id,
             url,
@@ -85,7 +83,7 @@ impl Store {
 
         dl.run(opts)?;
         let bytes = dl.offset;
-        dl.finish(&sha, &dest)?;
+        dl.finish(self, &sha, &dest)?;
         tracing::info!(model = %id, sha256 = %sha, tier = "store", bytes,
             duration_ms = started.elapsed().as_millis() as u64, "model downloaded");
         Ok(dest)
@@ -143,7 +141,7 @@ impl Download<'_> {
         let file: &mut File = &mut self.part.file;
         file.seek(SeekFrom::Start(0)).at("seeking", path)?;
         let pump = Pump { total_bytes: len, rate_limit_bytes_per_sec: None, cancel: None, progress: &|_, _| {} };
-        let mut hasher = PipelinedHasher::new(CHUNK_BYTES, Sha256::new()).at("starting a hasher for", path)?;
+        let mut hasher = PipelinedHasher::new(CHUNK_BYTES, Digests::default()).at("starting a hasher for", path)?;
         let mut done = 0;
         pump.run(&mut (&*file).take(len), None, &mut hasher, &mut done).map_err(|e| match e {
             PumpError::Read(e) | PumpError::Write(e) => StoreError::io("reading", path, e),
@@ -158,7 +156,7 @@ impl Download<'_> {
     /// Throws away what the part file holds and starts from byte 0.
     fn restart(&mut self) -> Result<(), StoreError> {
         self.part.file.set_len(0).at("truncating", &self.part.path)?;
-        self.hashed = Sha256::new();
+        self.hashed = Digests::default();
         self.offset = 0;
         Ok(())
     }
@@ -265,12 +263,12 @@ impl Download<'_> {
     }
 
     /// Checks size and hash; only then gives the part file its final name.
-    fn finish(self, sha: &str, dest: &Path) -> Result<(), StoreError> {
+    fn finish(self, store: &Store, sha: &str, dest: &Path) -> Result<(), StoreError> {
         if self.expected_size.is_some_and(|size| size != self.offset) {
             let err = self.size_mismatch(self.offset);
             return Err(self.part.discard(err));
         }
-        let actual = hex::encode(self.hashed.clone().finalize());
+        let (actual, blake3) = self.hashed.hex();
         if actual != sha {
             tracing::warn!(model = %self.id, url = self.url, expected = %sha, actual = %actual,
                 "download rejected: sha256 mismatch");
@@ -282,7 +280,9 @@ impl Download<'_> {
             };
             return Err(self.part.discard(err));
         }
-        self.part.commit(dest)
+        self.part.commit(dest)?;
+        store.record_check_or_warn(sha, &blake3);
+        Ok(())
     }
 }
 

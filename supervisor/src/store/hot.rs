@@ -9,9 +9,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
-
-use super::copy::{PipelinedHasher, Pump, PumpError, advise_sequential, hash_file};
+use super::copy::{
+    BLAKE3_BUFFERS, BLAKE3_CHUNK_BYTES, BUFFERS, CHUNK_BYTES, ChunkHash, Digests, PipelinedHasher, Pump, PumpError,
+    advise_sequential, blake3_file, hash_file,
+};
 use super::error::{IoContext, StoreError, is_no_space};
 use super::persistent::MODEL_SUFFIX;
 use super::{check_sha256, sync_dir};
@@ -42,11 +43,14 @@ pub struct CopyOptions {
 }
 
 /// What a finished promotion did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CopyReport {
     pub bytes: u64,
     pub duration: Duration,
     pub bytes_per_sec: u64,
+    /// The BLAKE3 of the copied bytes when the copy was checked against the SHA-256 (for the
+    /// store to record as its check digest); `None` when it was checked against that digest.
+    pub blake3: Option<String>,
 }
 
 /// Removes a temporary copy unless it was renamed into place (also on early return).
@@ -164,7 +168,8 @@ impl HotTier {
     }
 
     /// Copies `src` (the store's file) into the hot tier in one read pass that also
-    /// hashes; the copy gets its final name only if it hashes to `sha256`.
+    /// hashes; the copy gets its final name only if it hashes to `sha256`. The report
+    /// carries the BLAKE3 of the same bytes, for the store to record as its check digest.
     pub fn promote(
         &self,
         src: &Path,
@@ -173,11 +178,67 @@ impl HotTier {
         progress: &dyn Fn(u64, u64),
     ) -> Result<CopyReport, StoreError> {
         let sha = check_sha256("", sha256)?;
+        let expected = sha.clone();
+        self.copy_in(src, &sha, opts, progress, CHUNK_BYTES, BUFFERS, Digests::default(), |digests| {
+            let (actual, blake3) = digests.hex();
+            if actual == expected {
+                return Ok(Some(blake3));
+            }
+            tracing::warn!(sha256 = %expected, actual = %actual, path = %src.display(),
+                "prewarm copy rejected: the source does not match its hash");
+            Err(StoreError::HashMismatch {
+                model: expected.clone(),
+                path: src.to_path_buf(),
+                expected: expected.clone(),
+                actual,
+            })
+        })
+    }
+
+    /// As `promote`, checked against the store's check digest `blake3` instead of the
+    /// SHA-256 (see `Store::check_digest`): the same guarantee for the bytes written, at
+    /// the speed of the copy. A mismatch is [`StoreError::CheckMismatch`].
+    pub fn promote_checked(
+        &self,
+        src: &Path,
+        sha256: &str,
+        blake3: &str,
+        opts: &CopyOptions,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<CopyReport, StoreError> {
+        let sha = check_sha256("", sha256)?;
+        let expected = check_sha256("", blake3)?;
+        self.copy_in(src, &sha, opts, progress, BLAKE3_CHUNK_BYTES, BLAKE3_BUFFERS, blake3::Hasher::new(), |hasher| {
+            let actual = hasher.finalize().to_hex().to_string();
+            if actual == expected {
+                return Ok(None);
+            }
+            tracing::warn!(sha256 = %sha256, blake3 = %expected, actual = %actual, path = %src.display(),
+                "prewarm copy rejected: the source does not match the store's check digest");
+            Err(StoreError::CheckMismatch { path: src.to_path_buf(), expected: expected.clone(), actual })
+        })
+    }
+
+    /// The copy both promotions share: reserve, write a temporary, hash with `state` on the
+    /// way, let `check` accept the final state (returning the BLAKE3 to report, if it knows
+    /// one), then sync and rename.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_in<H: ChunkHash>(
+        &self,
+        src: &Path,
+        sha: &str,
+        opts: &CopyOptions,
+        progress: &dyn Fn(u64, u64),
+        chunk_bytes: usize,
+        buffers: usize,
+        state: H,
+        check: impl FnOnce(&H) -> Result<Option<String>, StoreError>,
+    ) -> Result<CopyReport, StoreError> {
         let started = Instant::now();
         let mut src_file = File::open(src).at("opening", src)?;
         advise_sequential(&src_file);
         let needed = src_file.metadata().at("reading metadata of", src)?.len();
-        let _reservation = self.reserve(&sha, needed)?;
+        let _reservation = self.reserve(sha, needed)?;
         self.check_room(needed)?;
 
         let n = NEXT_TMP.fetch_add(1, Ordering::Relaxed);
@@ -191,8 +252,11 @@ impl HotTier {
             cancel: opts.cancel.as_deref(),
             progress,
         };
+        // A throttled copy goes in the pump's smaller chunks, so its rate stays smooth.
+        let chunk_bytes =
+            if opts.rate_limit_bytes_per_sec.is_some_and(|r| r > 0) { pump.chunk_bytes() } else { chunk_bytes };
         let mut hasher =
-            PipelinedHasher::new(pump.chunk_bytes(), Sha256::new()).at("starting a hasher for", &tmp.path)?;
+            PipelinedHasher::with_buffers(chunk_bytes, buffers, state).at("starting a hasher for", &tmp.path)?;
         let mut bytes = 0;
         match pump.run(&mut src_file, Some(&mut tmp_file), &mut hasher, &mut bytes) {
             Ok(()) => {}
@@ -203,29 +267,21 @@ impl HotTier {
                 return Err(StoreError::Cancelled);
             }
         }
-        let actual = hasher.finish().at("hashing", src)?;
-        if actual != sha {
-            tracing::warn!(sha256 = %sha, actual = %actual, path = %src.display(),
-                "prewarm copy rejected: the source does not match its hash");
-            return Err(StoreError::HashMismatch {
-                model: sha.clone(),
-                path: src.to_path_buf(),
-                expected: sha,
-                actual,
-            });
-        }
+        let state = hasher.into_state().at("hashing", src)?;
+        let blake3 = check(&state)?;
         if bytes != needed {
             tmp_file.set_len(bytes).at("truncating", &tmp.path)?;
         }
         tmp_file.sync_data().at("syncing", &tmp.path)?;
-        std::fs::rename(&tmp.path, self.path_of(&sha)).at("renaming", &tmp.path)?;
+        std::fs::rename(&tmp.path, self.path_of(sha)).at("renaming", &tmp.path)?;
         tmp.armed = false;
 
         let duration = started.elapsed();
         let bytes_per_sec = (bytes as f64 / duration.as_secs_f64().max(1e-9)) as u64;
+        let checked = if blake3.is_some() { "sha256" } else { "blake3" };
         tracing::info!(sha256 = %sha, tier = "hot", bytes, duration_ms = duration.as_millis() as u64,
-            bytes_per_sec, "prewarm copy done");
-        Ok(CopyReport { bytes, duration, bytes_per_sec })
+            bytes_per_sec, checked, "prewarm copy done");
+        Ok(CopyReport { bytes, duration, bytes_per_sec, blake3 })
     }
 
     /// Refuses a copy the filesystem has no room for before any copying. The room is asked
@@ -237,7 +293,7 @@ impl HotTier {
             // Unknown room: the writes find out instead.
             return Ok(());
         };
-        let available = u64::from(fs.blocks_available()).saturating_mul(u64::from(fs.fragment_size()));
+        let available = fs.blocks_available().saturating_mul(fs.fragment_size());
         if needed > available {
             tracing::warn!(dir = %self.dir.display(), tier = "hot", needed, available, "hot tier filesystem is full");
             return Err(StoreError::NoSpace { needed, path: self.dir.clone() });
@@ -266,6 +322,22 @@ impl HotTier {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(StoreError::io("removing", &path, e)),
         }
+    }
+
+    /// Re-hashes the hot copy of `sha256` with BLAKE3 against the store's check digest
+    /// `blake3`: `false` means it is corrupt, or the digest is (re-copy it).
+    pub fn verify_checked(&self, sha256: &str, blake3: &str) -> Result<bool, StoreError> {
+        let sha = check_sha256("", sha256)?;
+        let expected = check_sha256("", blake3)?;
+        let (actual, bytes) = blake3_file(&self.path_of(&sha))?;
+        let ok = actual == expected;
+        if ok {
+            tracing::debug!(sha256 = %sha, tier = "hot", bytes, checked = "blake3", "verified");
+        } else {
+            tracing::warn!(sha256 = %sha, blake3 = %expected, actual = %actual, tier = "hot",
+                "hot copy does not match the store's check digest");
+        }
+        Ok(ok)
     }
 
     /// Re-hashes the hot copy of `sha256`: `false` means it is corrupt (re-copy it).

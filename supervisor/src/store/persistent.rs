@@ -1,6 +1,14 @@
 //! `Store`: the persistent, content-addressed model store (`<root>/<sha256>.gguf`).
 //! Bytes land in `.<sha256>.gguf.part`, are hashed in the same pass, and get the final
 //! name only once verified, so `contains` never sees an unverified file.
+//!
+//! Next to a verified file the store keeps its check digest, `<sha256>.b3`: the BLAKE3 of
+//! the same bytes, computed in the pass that checked the SHA-256 (or, for a file that came
+//! without one, in the first full SHA-256 check after). Copies out of the store (prewarm
+//! into the hot tier) are checked against it: BLAKE3 hashes ~6 GB/s on one core here
+//! against SHA-256's ~1.7 (with the CPU's SHA extensions), so the check no longer bounds
+//! the copy. The spec's SHA-256 stays the authority: a copy that does not match the check
+//! digest drops it and is redone against the SHA-256.
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -8,9 +16,9 @@ use std::time::Instant;
 
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
-use sha2::{Digest, Sha256};
+use std::io::Write;
 
-use super::copy::{CHUNK_BYTES, PipelinedHasher, Pump, PumpError, advise_sequential, hash_file};
+use super::copy::{CHUNK_BYTES, Digests, PipelinedHasher, Pump, PumpError, advise_sequential, hash_file};
 use super::error::{IoContext, StoreError};
 use super::{check_sha256, sync_dir};
 
@@ -18,6 +26,8 @@ use super::{check_sha256, sync_dir};
 pub(crate) const MODEL_SUFFIX: &str = ".gguf";
 /// Suffix of a partial import or download (after a leading dot).
 const PART_SUFFIX: &str = ".gguf.part";
+/// Suffix of a model's check digest (its BLAKE3 in hex, one line).
+const CHECK_SUFFIX: &str = ".b3";
 
 /// The persistent store rooted at a directory (`/var/lib/kiln/models` on a device).
 #[derive(Debug, Clone)]
@@ -51,6 +61,65 @@ impl Store {
     /// Where an import or download of `sha256` is in progress.
     pub fn part_path_of(&self, sha256: &str) -> PathBuf {
         self.root.join(format!(".{}{PART_SUFFIX}", sha256.to_ascii_lowercase()))
+    }
+
+    /// Where the check digest of `sha256` lives (whether or not it exists).
+    pub fn check_path_of(&self, sha256: &str) -> PathBuf {
+        self.root.join(format!("{}{CHECK_SUFFIX}", sha256.to_ascii_lowercase()))
+    }
+
+    /// The BLAKE3 recorded for the verified file of `sha256`, if one was recorded and reads
+    /// back as 64 hex digits (anything else counts as none: the SHA-256 decides instead).
+    pub fn check_digest(&self, sha256: &str) -> Option<String> {
+        let path = self.check_path_of(sha256);
+        let text = std::fs::read_to_string(&path).ok()?;
+        match check_sha256("", text.trim()) {
+            Ok(digest) => Some(digest),
+            Err(_) => {
+                tracing::warn!(path = %path.display(), "unreadable check digest: ignoring it");
+                None
+            }
+        }
+    }
+
+    /// Records `blake3` as the check digest of `sha256`'s verified file: written under a
+    /// temporary name, synced and renamed, so a crash leaves the old digest, none, or this one.
+    pub fn record_check(&self, sha256: &str, blake3: &str) -> Result<(), StoreError> {
+        let sha = check_sha256("", sha256)?;
+        let digest = check_sha256("", blake3)?;
+        let dest = self.check_path_of(&sha);
+        let tmp = self.root.join(format!(".{sha}{CHECK_SUFFIX}.tmp-{}", std::process::id()));
+        let written = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .and_then(|mut f| f.write_all(format!("{digest}\n").as_bytes()).and_then(|()| f.sync_all()))
+            .at("writing", &tmp)
+            .and_then(|()| std::fs::rename(&tmp, &dest).at("renaming", &tmp));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        sync_dir(&self.root)
+    }
+
+    /// Like `record_check`, for callers to whom the digest is an optimization: a failure is
+    /// logged, and the next copy checks the SHA-256 instead.
+    pub fn record_check_or_warn(&self, sha256: &str, blake3: &str) {
+        if let Err(e) = self.record_check(sha256, blake3) {
+            tracing::warn!(sha256, error = format!("{:#}", anyhow::Error::new(e)), "recording the check digest failed");
+        }
+    }
+
+    /// Drops the check digest of `sha256` (after a copy did not match it).
+    pub fn forget_check(&self, sha256: &str) -> Result<(), StoreError> {
+        let path = self.check_path_of(sha256);
+        match std::fs::remove_file(&path) {
+            Ok(()) => sync_dir(&self.root),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StoreError::io("removing", &path, e)),
+        }
     }
 
     /// True when the verified file exists: only verified files ever get the final name.
@@ -91,17 +160,18 @@ impl Store {
         part.file.set_len(0).at("truncating", &part.path)?;
 
         let pump = Pump { total_bytes, rate_limit_bytes_per_sec: None, cancel: None, progress };
-        let mut hasher = PipelinedHasher::new(CHUNK_BYTES, Sha256::new()).at("starting a hasher for", &part.path)?;
+        let mut hasher =
+            PipelinedHasher::new(CHUNK_BYTES, Digests::default()).at("starting a hasher for", &part.path)?;
         let mut done = 0;
         let pumped = pump.run(&mut src_file, Some(&mut *part.file), &mut hasher, &mut done);
-        let actual = match pumped {
-            Ok(()) => hasher.finish().at("hashing", src),
+        let digests = match pumped {
+            Ok(()) => hasher.into_state().at("hashing", src).map(|d| d.hex()),
             Err(PumpError::Read(e)) => Err(StoreError::io("reading", src, e)),
             Err(PumpError::Write(e)) => Err(StoreError::write(&part.path, total_bytes, e)),
             Err(PumpError::Cancelled) => Err(StoreError::Cancelled),
         };
-        let actual = match actual {
-            Ok(actual) => actual,
+        let (actual, blake3) = match digests {
+            Ok(digests) => digests,
             Err(e) => return Err(part.discard(e)),
         };
         if actual != sha {
@@ -115,6 +185,7 @@ impl Store {
             }));
         }
         part.commit(&dest)?;
+        self.record_check_or_warn(&sha, &blake3);
         tracing::info!(model = %id, sha256 = %sha, tier = "store", bytes = done,
             duration_ms = started.elapsed().as_millis() as u64, "model imported");
         Ok(dest)
@@ -133,6 +204,7 @@ impl Store {
         tracing::warn!(sha256 = %sha, actual = %actual, tier = "store", path = %path.display(),
             "stored model is corrupt: removing it");
         std::fs::remove_file(&path).at("removing corrupt", &path)?;
+        self.forget_check(&sha)?;
         sync_dir(&self.root)?;
         Err(StoreError::HashMismatch { model: sha.clone(), path, expected: sha, actual })
     }
