@@ -222,3 +222,27 @@ fn demand_is_recorded_saved_and_read_back() {
     std::fs::write(tmp.path().join("var/lib/kiln/demand.json"), "{not json").unwrap();
     assert_eq!(open().demand().total("tiny"), 0.0);
 }
+
+/// The time zone read straight from its TZif file is the one jiff's own lookup finds; names
+/// that are not plain paths under the zoneinfo directory go through jiff (or fail there).
+#[test]
+fn time_zone_is_read_from_its_file_and_matches_jiff() {
+    use kiln_supervisor::engine::time_zone;
+    let instants: Vec<jiff::Timestamp> =
+        ["2026-01-15T12:00:00Z", "2026-03-29T00:59:59Z", "2026-03-29T01:00:00Z", "2026-07-01T00:00:00Z"]
+            .iter()
+            .map(|t| t.parse().unwrap())
+            .collect();
+    for name in ["Europe/Berlin", "America/New_York", "UTC", "Asia/Kolkata", "europe/berlin"] {
+        let ours = time_zone(name).unwrap();
+        let jiffs = jiff::tz::TimeZone::get(name).unwrap();
+        for t in &instants {
+            assert_eq!(ours.to_offset(*t), jiffs.to_offset(*t), "{name} at {t}");
+        }
+    }
+    assert_eq!(time_zone("Europe/Berlin").unwrap().iana_name(), Some("Europe/Berlin"));
+    for bad in ["../../etc/passwd", "/etc/localtime", "Nowhere/Atlantis", ""] {
+        let err = time_zone(bad).unwrap_err();
+        assert!(format!("{err:#}").contains("loading time zone"), "{bad}: {err:#}");
+    }
+}
