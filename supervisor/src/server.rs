@@ -625,65 +625,79 @@ impl Recorder {
 }
 
 fn stream_events(
-    mut rx: mpsc::UnboundedReceiver<Reply>,
+    rx: mpsc::UnboundedReceiver<Reply>,
     first: Option<Reply>,
-    mut record: Recorder,
+    record: Recorder,
     kind: Kind,
     id: String,
     include_usage: bool,
     guard: Inflight,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
-    let model = record.model.clone();
-    async_stream(move |tx| async move {
-        let _guard = guard;
-        let mut sent_first = false;
-        let mut next = first;
-        loop {
-            let Some(reply) = next_reply(&mut next, &mut rx).await else {
-                let _ = tx.send(SseEvent::default().data(worker_gone(&model).body().to_string()));
-                return;
-            };
-            match reply {
-                Reply::Token(t) => {
-                    let ev = chunk(kind, &id, &model, Some(&t), None, !sent_first);
-                    sent_first = true;
-                    record.token(t);
-                    if tx.send(SseEvent::default().data(ev.to_string())).is_err() {
-                        return; // the client left: dropping rx cancels the generation
-                    }
-                }
-                Reply::Done { finish, prompt_tokens, completion_tokens, generation_ms, .. } => {
-                    let reason = finish.as_openai();
-                    let _ = tx.send(
-                        SseEvent::default().data(chunk(kind, &id, &model, None, Some(reason), !sent_first).to_string()),
-                    );
-                    if include_usage {
-                        let u = usage_chunk(&id, &model, usage(prompt_tokens, completion_tokens));
-                        let _ = tx.send(SseEvent::default().data(u.to_string()));
-                    }
-                    let _ = tx.send(SseEvent::default().data("[DONE]"));
-                    record.done(finish, prompt_tokens, completion_tokens, generation_ms);
-                    return;
-                }
-                Reply::Failed(f) => {
-                    let _ = tx.send(SseEvent::default().data(ApiError::from_failure(f).body().to_string()));
-                    return;
-                }
-                Reply::Started { .. } => {}
-            }
+    // The body stream reads the worker's replies itself (no task in between, so a token
+    // wakes one task less on its way out); when the client leaves, hyper drops the stream
+    // and with it `rx`, which cancels the generation.
+    let state =
+        Streaming { rx, next: first, record, kind, id, include_usage, sent_first: false, over: false, _guard: guard };
+    let batches = futures::stream::unfold(state, |mut st| async move {
+        if st.over {
+            return None;
         }
-    })
+        let events = st.events().await;
+        Some((futures::stream::iter(events.into_iter().map(Ok)), st))
+    });
+    futures::StreamExt::flatten(batches)
 }
 
-/// A stream fed by a task through a channel: the task ends when the receiver is dropped.
-fn async_stream<F, Fut>(f: F) -> impl Stream<Item = Result<SseEvent, Infallible>>
-where
-    F: FnOnce(mpsc::UnboundedSender<SseEvent>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(f(tx));
-    futures::StreamExt::map(tokio_stream::wrappers::UnboundedReceiverStream::new(rx), Ok)
+/// What a streaming response carries between the worker's replies.
+struct Streaming {
+    rx: mpsc::UnboundedReceiver<Reply>,
+    next: Option<Reply>,
+    record: Recorder,
+    kind: Kind,
+    id: String,
+    include_usage: bool,
+    sent_first: bool,
+    over: bool,
+    _guard: Inflight,
+}
+
+impl Streaming {
+    /// The server-sent events for the next reply (none for `Started`).
+    async fn events(&mut self) -> Vec<SseEvent> {
+        let model = self.record.model.clone();
+        let Some(reply) = next_reply(&mut self.next, &mut self.rx).await else {
+            self.over = true;
+            return vec![SseEvent::default().data(worker_gone(&model).body().to_string())];
+        };
+        match reply {
+            Reply::Token(t) => {
+                let ev = chunk(self.kind, &self.id, &model, Some(&t), None, !self.sent_first);
+                self.sent_first = true;
+                self.record.token(t);
+                vec![SseEvent::default().data(ev.to_string())]
+            }
+            Reply::Done { finish, prompt_tokens, completion_tokens, generation_ms, .. } => {
+                self.over = true;
+                let reason = finish.as_openai();
+                let mut out = vec![
+                    SseEvent::default()
+                        .data(chunk(self.kind, &self.id, &model, None, Some(reason), !self.sent_first).to_string()),
+                ];
+                if self.include_usage {
+                    let u = usage_chunk(&self.id, &model, usage(prompt_tokens, completion_tokens));
+                    out.push(SseEvent::default().data(u.to_string()));
+                }
+                out.push(SseEvent::default().data("[DONE]"));
+                self.record.done(finish, prompt_tokens, completion_tokens, generation_ms);
+                out
+            }
+            Reply::Failed(f) => {
+                self.over = true;
+                vec![SseEvent::default().data(ApiError::from_failure(f).body().to_string())]
+            }
+            Reply::Started { .. } => Vec::new(),
+        }
+    }
 }
 
 async fn models(State(st): St) -> Response {

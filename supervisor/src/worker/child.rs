@@ -129,8 +129,9 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
         rss_file_bytes: file,
     };
     let bos_text = info.bos_token.clone();
+    let pool = Threadpool::attach(&ctx, threads);
     out.send(&Event::Loaded(info))?;
-    let mut w = Worker { model: &model, ctx, cached: Vec::new(), args, bos_text };
+    let mut w = Worker { model: &model, pool, ctx, cached: Vec::new(), args, bos_text };
     while let Ok(req) = rx.recv() {
         if let Request::Generate { id, prompt, prefix_bytes, sampling, prompt_tokens_limit } = req
             && let Err(e) = w.generate(&mut out, &cancel, id, &prompt, prefix_bytes, &sampling, prompt_tokens_limit)
@@ -149,8 +150,53 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
 #[error("{0}")]
 struct BadRequest(String);
 
+/// A persistent CPU threadpool attached to the context, as llama-server and llama-bench attach
+/// one. Without it ggml creates and joins a pool inside every `llama_decode`: a thread created
+/// per generated token (128 `clone3` calls for 128 tokens, counted with strace). The pool's
+/// threads poll briefly between decodes (ggml's default hybrid polling, as llama-server's).
+struct Threadpool {
+    pool: *mut llama_cpp_sys_2::ggml_threadpool,
+    ctx: *mut llama_cpp_sys_2::llama_context,
+}
+
+impl Threadpool {
+    /// Creates a pool of `threads` and attaches it to `ctx` (for single tokens and batches);
+    /// `None` (ggml's per-decode pools then) if ggml could not create it.
+    #[allow(unsafe_code)]
+    fn attach(ctx: &LlamaContext<'_>, threads: i32) -> Option<Threadpool> {
+        let raw = ctx.as_raw();
+        // SAFETY: the params are plain data filled by ggml; ggml_threadpool_new returns a pool
+        // we own (or null); attaching stores it in the live context `raw`, and `Drop` detaches
+        // it before freeing it, while the context still lives (field order in `Worker`).
+        unsafe {
+            let mut params = llama_cpp_sys_2::ggml_threadpool_params_default(threads);
+            let pool = llama_cpp_sys_2::ggml_threadpool_new(&raw mut params);
+            if pool.is_null() {
+                eprintln!("kilnd worker: ggml could not create a threadpool of {threads}; decoding without one");
+                return None;
+            }
+            llama_cpp_sys_2::llama_attach_threadpool(raw, pool, std::ptr::null_mut());
+            Some(Threadpool { pool, ctx: raw })
+        }
+    }
+}
+
+impl Drop for Threadpool {
+    #[allow(unsafe_code)]
+    fn drop(&mut self) {
+        // SAFETY: see `attach`: the context is alive and holds this pool until detached here.
+        unsafe {
+            llama_cpp_sys_2::llama_detach_threadpool(self.ctx);
+            llama_cpp_sys_2::ggml_threadpool_free(self.pool);
+        }
+    }
+}
+
 struct Worker<'m> {
     model: &'m LlamaModel,
+    /// Declared before `ctx`, so it is detached and freed while the context still lives.
+    #[allow(dead_code)] // held for its Drop
+    pool: Option<Threadpool>,
     ctx: LlamaContext<'m>,
     /// Tokens whose KV is in sequence 0 now.
     cached: Vec<LlamaToken>,
