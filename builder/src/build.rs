@@ -161,12 +161,13 @@ fn build_in(
     let mut cached_models = 0;
     for m in &spec.models {
         if let ModelSource::Path(src) = &m.source {
-            let (path, hit) = models::cached(&m.id, src, &m.sha256, &opts.cache.models_dir(), &progress)?;
-            cached_models += usize::from(hit);
-            model_files.push((m.store_path(), path, m.size_bytes));
+            let cached = models::cached(&m.id, src, &m.sha256, &opts.cache.models_dir(), &progress)?;
+            cached_models += usize::from(cached.hit);
+            model_files.push((m.store_path(), cached.path, m.size_bytes));
+            model_files.push((m.check_path(), cached.check, 0));
         }
     }
-    t.finish(&format!("{} baked in, {cached_models} already cached", model_files.len()));
+    t.finish(&format!("{} baked in, {cached_models} already cached", model_files.len() / 2));
 
     t.start("base");
     let prepared = prepare_base(spec, manifest, &opts.cache, &progress, t.ui)?;

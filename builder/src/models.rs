@@ -1,6 +1,9 @@
 //! Models baked into an image: each `path` model is copied once into kiln's content-addressed
 //! cache, its sha256 computed while copying; a file whose hash does not match never gets the
-//! final name. Builds then write from the verified cache copy.
+//! final name. Builds then write from the verified cache copy, and put its check digest
+//! (`<sha256>.b3`: the BLAKE3 of the verified bytes, one hex line) beside it in the device's
+//! store, as kilnd's store records one for each model it imports or fetches: the device's
+//! first prewarm is then checked against it at copy speed instead of hashing SHA-256.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -26,8 +29,52 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
     move |source| ModelError::Io { path: path.to_path_buf(), source }
 }
 
-/// The verified cache copy of a model, making it if needed. Returns (path, was it cached).
+/// A model in the verified cache.
+#[derive(Debug, Clone)]
+pub struct Cached {
+    /// The verified copy, `<sha256>.gguf`.
+    pub path: PathBuf,
+    /// Its check digest, `<sha256>.b3`.
+    pub check: PathBuf,
+    /// It was in the cache already.
+    pub hit: bool,
+}
+
+/// The verified cache copy of a model and its check digest, making them if needed.
 pub fn cached(
+    id: &str,
+    src: &Path,
+    sha256: &str,
+    dir: &Path,
+    progress: &dyn Fn(&str, u64, u64),
+) -> Result<Cached, ModelError> {
+    let (path, hit) = verified_copy(id, src, sha256, dir, progress)?;
+    let check = check_digest(&path)?;
+    Ok(Cached { path, check, hit })
+}
+
+/// The `<sha256>.b3` beside the verified `gguf`, hashing it once if it has none yet (a cache
+/// filled before check digests existed). Written under a temporary name and renamed.
+fn check_digest(gguf: &Path) -> Result<PathBuf, ModelError> {
+    let check = gguf.with_extension("b3");
+    if check.is_file() {
+        return Ok(check);
+    }
+    let mut input = File::open(gguf).map_err(io(gguf))?;
+    let mut hasher = blake3::Hasher::new();
+    std::io::copy(&mut input, &mut hasher).map_err(io(gguf))?;
+    let part = gguf.with_extension(format!("b3.part-{}", std::process::id()));
+    let written = std::fs::write(&part, format!("{}\n", hasher.finalize().to_hex()))
+        .and_then(|()| std::fs::rename(&part, &check))
+        .map_err(io(&check));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&part);
+    }
+    written.map(|()| check)
+}
+
+/// The verified cache copy of a model, making it if needed. Returns (path, was it cached).
+fn verified_copy(
     id: &str,
     src: &Path,
     sha256: &str,

@@ -117,6 +117,24 @@ fn rpi_base_build_holds_the_spec_and_keeps_the_base_intact() {
         ),
     );
     assert_eq!(sha256_file(&dumped), "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53");
+    // Beside it the store's check digest, so the device's first prewarm is checked at copy speed.
+    let check = tmp.path().join("model.b3");
+    debugfs(
+        &img,
+        2,
+        &format!(
+            "dump /var/lib/kiln/models/b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53.b3 {}",
+            check.display()
+        ),
+    );
+    let digest = blake3::hash(&std::fs::read(&dumped).unwrap()).to_hex().to_string();
+    assert_eq!(std::fs::read_to_string(&check).unwrap(), format!("{digest}\n"));
+    let stat = debugfs(
+        &img,
+        2,
+        "stat /var/lib/kiln/models/b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53.b3",
+    );
+    assert!(stat.contains("Mode:  0640") && stat.contains("User:   999"), "{stat}");
 
     // The base's own files: owners, modes, setuid, hardlinks and capabilities untouched.
     let notes = debugfs(&img, 2, "stat /home/pi/notes.txt");

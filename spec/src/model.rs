@@ -190,6 +190,10 @@ impl Model {
     pub fn store_path(&self) -> String {
         format!("{STORE_DIR}/{}.gguf", self.sha256)
     }
+    /// Where kilnd's store keeps the model's check digest (its BLAKE3, one hex line).
+    pub fn check_path(&self) -> String {
+        format!("{STORE_DIR}/{}.b3", self.sha256)
+    }
     /// Weights + KV + repacked weights + compute buffers: what loading it may take.
     pub fn footprint_bytes(&self) -> u64 {
         self.size_bytes
