@@ -916,6 +916,60 @@ fn a_worker_that_dies_while_idle_is_noticed_and_the_next_request_is_served() {
     assert_eq!((w["state"].as_str(), w["loads"].as_u64(), w["failures"].as_u64()), (Some("loaded"), Some(2), Some(0)));
 }
 
+/// The worker decodes with one persistent threadpool (no thread created per token, as ggml
+/// does without one) and puts it to sleep when a request ends (no core kept polling).
+#[test]
+fn the_worker_keeps_one_threadpool_and_sleeps_it_between_requests() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = device(tmp.path(), "");
+    let k = Kilnd::start(&spec, tmp.path());
+    let ask = |n: u32| k.post("/v1/completions", &json!({"prompt": "Once upon a time", "max_tokens": n}));
+    assert_eq!(ask(4).0, 200);
+    let pid = k.worker()["pid"].as_i64().unwrap();
+    let tids = || -> std::collections::BTreeSet<String> {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let cpu_seconds = || -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        // After the command's ')': state, ppid, ... ; utime and stime (fields 14 and 15 of
+        // proc_pid_stat(5)) are the 12th and 13th, in clock ticks (USER_HZ, 100 on Linux).
+        let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+        let ticks = |i: usize| fields[i].parse::<u64>().unwrap();
+        (ticks(11) + ticks(12)) as f64 / 100.0
+    };
+    let before = tids();
+    // Threads seen while 96 tokens are generated (~1 s): a per-decode pool would show new ones.
+    let seen = std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+                    seen.lock().unwrap().extend(rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        let (status, body, _) = ask(96);
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(status, 200, "{body}");
+    });
+    let seen = seen.into_inner().unwrap();
+    assert!(seen.is_subset(&before), "threads came and went during decoding: {:?}", seen.difference(&before));
+    assert_eq!(tids(), before);
+    // Asleep after the request: the worker uses (next to) no CPU while idle.
+    std::thread::sleep(Duration::from_millis(20));
+    let t0 = cpu_seconds();
+    std::thread::sleep(Duration::from_millis(500));
+    let used = cpu_seconds() - t0;
+    assert!(used <= 0.02, "the idle worker used {used} s of CPU in 0.5 s");
+    // And the next request wakes it.
+    assert_eq!(ask(8).0, 200);
+}
+
 /// A process holding `bytes` of anonymous memory, in a cgroup of its own beside kilnd's:
 /// `tail` keeps the whole newline-free "last line" of `head -c N /dev/zero` in memory.
 struct Hog {
