@@ -30,6 +30,9 @@ const PROC_SWAPS: &str = "/proc/swaps";
 /// sysfs `size` counts 512-byte sectors whatever the device's sector size (block/genhd.c).
 const SYSFS_SECTOR_BYTES: u64 = 512;
 
+/// A range of the block map and its bytes `[start, end)` in the image.
+type Part<'r> = (&'r BmapRange, (u64, u64));
+
 /// What to flash where.
 #[derive(Debug, Clone)]
 pub struct FlashOptions {
@@ -335,19 +338,14 @@ impl Job<'_> {
     /// Writes every range past the first MiB, verifies every range (its first-MiB part
     /// against the image, which still holds it), then writes and compares the first MiB.
     fn write_and_verify(&mut self) -> Result<usize, FlashError> {
-        let parts: Vec<(&BmapRange, (u64, u64))> =
+        let parts: Vec<Part<'_>> =
             self.bmap.ranges.iter().map(|r| (r, self.bmap.byte_range(r))).collect();
         for &(_, (start, end)) in &parts {
             self.copy(start.max(HEAD_BYTES), end)?;
         }
         self.sync()?;
-        for &(range, (start, end)) in &parts {
-            let mut hasher = Sha256::new();
-            self.feed(&mut hasher, self.image, self.image_path, start, end.min(HEAD_BYTES), false)?;
-            self.feed(&mut hasher, self.target, &self.info.path, start.max(HEAD_BYTES), end, true)?;
-            if hex::encode(hasher.finalize()) != range.sha256 {
-                return Err(self.blame(range, start, end));
-            }
+        if let Some(&(range, (start, end))) = self.verify_ranges(&parts)? {
+            return Err(self.blame(range, start, end));
         }
         for &(_, (start, end)) in &parts {
             self.copy(start, end.min(HEAD_BYTES))?;
@@ -396,28 +394,83 @@ impl Job<'_> {
         Ok(())
     }
 
-    /// Hashes `[start, end)` of `f`; `count` says whether it is read-back work for progress.
-    fn feed(
-        &mut self,
-        h: &mut Sha256,
-        f: &File,
-        path: &Path,
-        start: u64,
-        end: u64,
-        count: bool,
-    ) -> Result<(), FlashError> {
-        let mut off = start;
-        while off < end {
-            // Chunks, so progress moves while a long range is read back.
-            let stop = end.min(off + VERIFY_CHUNK_BYTES);
-            bmap::hash_file_range(h, f, off, stop)
-                .map_err(|source| FlashError::Read { path: path.to_path_buf(), source })?;
-            if count {
-                self.tick(stop - off)?;
+    /// Reads every range back and hashes it against the map: its first-MiB part from the
+    /// image (which still holds it), the rest from the target. The ranges are independent (one
+    /// checksum each), so they are hashed on up to one thread per core, largest first: one
+    /// core's SHA-256 was the read-back's limit. Returns the first range (in map order) whose
+    /// bytes do not match, if any.
+    fn verify_ranges<'p, 'r>(&mut self, parts: &'p [Part<'r>]) -> Result<Option<&'p Part<'r>>, FlashError> {
+        use std::sync::Mutex;
+        use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+        let mut order: Vec<usize> = (0..parts.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(parts[i].1.1 - parts[i].1.0));
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4).min(parts.len());
+        let next = AtomicUsize::new(0);
+        let read_back = AtomicU64::new(0);
+        let stop = AtomicBool::new(false);
+        let running = AtomicUsize::new(workers);
+        let results: Vec<Mutex<Option<Result<bool, FlashError>>>> = parts.iter().map(|_| Mutex::new(None)).collect();
+        let (image, image_path, target, target_path) = (self.image, self.image_path, self.target, &self.info.path);
+        let hash_range = |start: u64, end: u64| -> Result<Option<String>, FlashError> {
+            let mut h = Sha256::new();
+            bmap::hash_file_range(&mut h, image, start, end.min(HEAD_BYTES))
+                .map_err(|source| FlashError::Read { path: image_path.to_path_buf(), source })?;
+            let mut off = start.max(HEAD_BYTES);
+            while off < end {
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(None);
+                }
+                // Chunks, so progress moves and a stop is seen while a long range is read back.
+                let chunk_end = end.min(off + VERIFY_CHUNK_BYTES);
+                bmap::hash_file_range(&mut h, target, off, chunk_end)
+                    .map_err(|source| FlashError::Read { path: target_path.clone(), source })?;
+                read_back.fetch_add(chunk_end - off, Ordering::Relaxed);
+                off = chunk_end;
             }
-            off = stop;
+            Ok(Some(hex::encode(h.finalize())))
+        };
+        std::thread::scope(|scope| {
+            for _ in 0..workers {
+                scope.spawn(|| {
+                    while !stop.load(Ordering::Relaxed) {
+                        let Some(&i) = order.get(next.fetch_add(1, Ordering::Relaxed)) else { break };
+                        let (range, (start, end)) = parts[i];
+                        let result = match hash_range(start, end) {
+                            Ok(Some(digest)) => Ok(digest == range.sha256),
+                            Ok(None) => continue, // stopped: another range failed or the user cancelled
+                            Err(e) => Err(e),
+                        };
+                        if !matches!(result, Ok(true)) {
+                            stop.store(true, Ordering::Relaxed);
+                        }
+                        *results[i].lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(result);
+                    }
+                    running.fetch_sub(1, Ordering::Release);
+                });
+            }
+            // This thread reports progress and watches for a cancel while the workers hash.
+            let base = self.done;
+            while running.load(Ordering::Acquire) > 0 {
+                (self.progress)(base + read_back.load(Ordering::Relaxed), 2 * self.bmap.mapped_bytes());
+                if self.cancel.is_some_and(|c| c.load(Ordering::SeqCst)) {
+                    stop.store(true, Ordering::Relaxed);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        });
+        self.tick(read_back.into_inner())?;
+        for (part, result) in parts.iter().zip(results) {
+            match result.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner) {
+                Some(Ok(true)) | None => {}
+                Some(Ok(false)) => return Ok(Some(part)),
+                Some(Err(e)) => return Err(e),
+            }
         }
-        Ok(())
+        if stop.load(Ordering::Relaxed) {
+            // Stopped with no range failing: the user cancelled (tick above reports it).
+            return Err(FlashError::Interrupted);
+        }
+        Ok(None)
     }
 
     /// A range read back wrong: the image is at fault if it does not match the map either.
