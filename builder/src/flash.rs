@@ -338,8 +338,7 @@ impl Job<'_> {
     /// Writes every range past the first MiB, verifies every range (its first-MiB part
     /// against the image, which still holds it), then writes and compares the first MiB.
     fn write_and_verify(&mut self) -> Result<usize, FlashError> {
-        let parts: Vec<Part<'_>> =
-            self.bmap.ranges.iter().map(|r| (r, self.bmap.byte_range(r))).collect();
+        let parts: Vec<Part<'_>> = self.bmap.ranges.iter().map(|r| (r, self.bmap.byte_range(r))).collect();
         for &(_, (start, end)) in &parts {
             self.copy(start.max(HEAD_BYTES), end)?;
         }
