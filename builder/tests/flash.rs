@@ -202,10 +202,10 @@ fn flash_asks_first_and_writes_nothing_on_no() {
     assert!(!target.exists());
 }
 
-/// Ctrl-C mid-way (what kiln's SIGINT/SIGTERM handler sets): the copy stops and the head of a
-/// disk that held a bootable image before is wiped, so neither image boots from it.
-#[test]
-fn an_interrupted_flash_wipes_the_old_partition_table() {
+/// Flashes a bootable head onto a target, then flashes again with Ctrl-C (what kiln's
+/// SIGINT/SIGTERM handler sets) once `now(done, total)` holds: the flash must stop with
+/// Interrupted and leave the head wiped, so neither image boots from the disk.
+fn interrupt_when(now: impl Fn(u64, u64) -> bool) {
     let dir = tempfile::tempdir().unwrap();
     let image = sparse_image(dir.path());
     let target = dir.path().join("target.img");
@@ -216,8 +216,8 @@ fn an_interrupted_flash_wipes_the_old_partition_table() {
 
     let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let o = FlashOptions { cancel: Some(cancel.clone()), ..opts(&image, &target) };
-    let progress = |done: u64, _: u64| {
-        if done > 0 {
+    let progress = |done: u64, total: u64| {
+        if now(done, total) {
             cancel.store(true, std::sync::atomic::Ordering::SeqCst);
         }
     };
@@ -229,32 +229,17 @@ fn an_interrupted_flash_wipes_the_old_partition_table() {
     assert!(head.iter().all(|&b| b == 0), "the old head survived an interrupted flash");
 }
 
-/// Ctrl-C while the ranges are read back (on several threads): the read-back stops and the
-/// head is wiped all the same.
+/// Ctrl-C while writing: the copy stops and the old head is wiped.
+#[test]
+fn an_interrupted_flash_wipes_the_old_partition_table() {
+    interrupt_when(|done, _| done > 0);
+}
+
+/// Ctrl-C while the ranges are read back (on several threads; the writes are the first half
+/// of the work): the read-back stops and the head is wiped all the same.
 #[test]
 fn an_interrupted_read_back_wipes_the_head_too() {
-    let dir = tempfile::tempdir().unwrap();
-    let image = sparse_image(dir.path());
-    let target = dir.path().join("target.img");
-    flash::flash(&opts(&image, &target), &mut never_asked, &|_, _| {}).unwrap();
-    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let o = FlashOptions { cancel: Some(cancel.clone()), ..opts(&image, &target) };
-    let max_seen = std::sync::atomic::AtomicU64::new(0);
-    let progress = |done: u64, total: u64| {
-        max_seen.fetch_max(done, std::sync::atomic::Ordering::SeqCst);
-        // Past the writes (the first half of the work): reading back.
-        if done > total / 2 {
-            cancel.store(true, std::sync::atomic::Ordering::SeqCst);
-        }
-    };
-    let err = flash::flash(&o, &mut never_asked, &progress).unwrap_err();
-    let FlashError::Wiped { cause, .. } = &err else { panic!("{err:?}") };
-    assert!(matches!(**cause, FlashError::Interrupted), "{cause:?}");
-    let mut head = vec![0xEEu8; MIB as usize];
-    File::open(&target).unwrap().read_exact_at(&mut head, 0).unwrap();
-    assert!(head.iter().all(|&b| b == 0), "the old head survived an interrupted read-back");
-    let seen = max_seen.load(std::sync::atomic::Ordering::SeqCst);
-    assert!(seen > 0, "no progress was reported");
+    interrupt_when(|done, total| done > total / 2);
 }
 
 /// An image edited after its bmap was made: verification fails and the head is wiped.
