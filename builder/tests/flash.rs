@@ -205,6 +205,7 @@ fn flash_asks_first_and_writes_nothing_on_no() {
 /// Flashes a bootable head onto a target, then flashes again with Ctrl-C (what kiln's
 /// SIGINT/SIGTERM handler sets) once `now(done, total)` holds: the flash must stop with
 /// Interrupted and leave the head wiped, so neither image boots from the disk.
+#[allow(clippy::unwrap_used)] // a test helper: a failure is the test failing
 fn interrupt_when(now: impl Fn(u64, u64) -> bool) {
     let dir = tempfile::tempdir().unwrap();
     let image = sparse_image(dir.path());
