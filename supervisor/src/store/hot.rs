@@ -327,29 +327,31 @@ impl HotTier {
     /// Re-hashes the hot copy of `sha256` with BLAKE3 against the store's check digest
     /// `blake3`: `false` means it is corrupt, or the digest is (re-copy it).
     pub fn verify_checked(&self, sha256: &str, blake3: &str) -> Result<bool, StoreError> {
-        let sha = check_sha256("", sha256)?;
         let expected = check_sha256("", blake3)?;
-        let (actual, bytes) = blake3_file(&self.path_of(&sha))?;
-        let ok = actual == expected;
-        if ok {
-            tracing::debug!(sha256 = %sha, tier = "hot", bytes, checked = "blake3", "verified");
-        } else {
-            tracing::warn!(sha256 = %sha, blake3 = %expected, actual = %actual, tier = "hot",
-                "hot copy does not match the store's check digest");
-        }
-        Ok(ok)
+        self.verify_with(sha256, &expected, "blake3", blake3_file)
     }
 
     /// Re-hashes the hot copy of `sha256`: `false` means it is corrupt (re-copy it).
     pub fn verify(&self, sha256: &str) -> Result<bool, StoreError> {
         let sha = check_sha256("", sha256)?;
-        let path = self.path_of(&sha);
-        let (actual, bytes) = hash_file(&path)?;
-        let ok = actual == sha;
+        self.verify_with(&sha, &sha, "sha256", hash_file)
+    }
+
+    /// Hashes the hot copy of `sha256` with `hash` (`checked` names it) and compares with `expected`.
+    fn verify_with(
+        &self,
+        sha256: &str,
+        expected: &str,
+        checked: &str,
+        hash: fn(&Path) -> Result<(String, u64), StoreError>,
+    ) -> Result<bool, StoreError> {
+        let sha = check_sha256("", sha256)?;
+        let (actual, bytes) = hash(&self.path_of(&sha))?;
+        let ok = actual == expected;
         if ok {
-            tracing::debug!(sha256 = %sha, tier = "hot", bytes, "verified");
+            tracing::debug!(sha256 = %sha, tier = "hot", bytes, checked, "verified");
         } else {
-            tracing::warn!(sha256 = %sha, actual = %actual, tier = "hot", "hot copy is corrupt");
+            tracing::warn!(sha256 = %sha, expected, actual = %actual, tier = "hot", checked, "hot copy is corrupt");
         }
         Ok(ok)
     }
