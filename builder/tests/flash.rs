@@ -236,8 +236,8 @@ fn an_interrupted_flash_wipes_the_old_partition_table() {
     interrupt_when(|done, _| done > 0);
 }
 
-/// Ctrl-C while the ranges are read back (on several threads; the writes are the first half
-/// of the work): the read-back stops and the head is wiped all the same.
+/// Ctrl-C late, when the ranges are written and being read back (on another thread): the
+/// read-back stops and the head is wiped all the same.
 #[test]
 fn an_interrupted_read_back_wipes_the_head_too() {
     interrupt_when(|done, total| done > total / 2);
@@ -261,6 +261,34 @@ fn corrupt_image_fails_verification_and_leaves_the_first_mib_zeroed() {
         File::open(&target).unwrap().read_exact_at(&mut head, 0).unwrap();
         assert!(head.iter().all(|&b| b == 0), "{what}: the first MiB survived");
     }
+}
+
+/// A range longer than the stretches the writer hands to the verifier (16 MiB) is hashed
+/// across them, from the image's first MiB into the read-back, in order: the flash verifies,
+/// and a byte changed in the image (not in its map) past the first stretch is still caught.
+#[test]
+fn a_range_longer_than_a_written_stretch_is_verified_across_stretches() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("long.img");
+    let (start, len) = (MIB / 2, 40 * MIB as usize);
+    let f = File::create(&image).unwrap();
+    f.set_len(48 * MIB).unwrap();
+    f.write_all_at(&pattern(len), start).unwrap();
+    drop(f);
+    let map = bmap::generate(&image).unwrap();
+    assert_eq!(map.ranges.len(), 1, "{map:?}");
+    bmap::write(&image, &flash::default_bmap_path(&image)).unwrap();
+    let target = dir.path().join("target.img");
+
+    let report = flash::flash(&opts(&image, &target), &mut never_asked, &|_, _| {}).unwrap();
+    assert_eq!((report.bytes_written, report.verified_ranges), (len as u64, 1));
+    assert_eq!(std::fs::read(&target).unwrap(), std::fs::read(&image).unwrap());
+
+    File::options().write(true).open(&image).unwrap().write_all_at(&[0xFF], 35 * MIB).unwrap();
+    let err = flash::flash(&opts(&image, &target), &mut never_asked, &|_, _| {}).unwrap_err();
+    let FlashError::Wiped { cause, .. } = &err else { panic!("{err:?}") };
+    let FlashError::ImageMismatch { first_block, last_block, .. } = **cause else { panic!("{cause:?}") };
+    assert_eq!((first_block, last_block), (start / 4096, (start + len as u64) / 4096 - 1));
 }
 
 #[test]

@@ -19,7 +19,8 @@ pub const BLOCK_SIZE: u64 = 4096;
 const VERSION: &str = "2.0";
 const CHECKSUM_TYPE: &str = "sha256";
 const CHECKSUM_HEX_LEN: usize = 64;
-const HASH_BUFFER_BYTES: usize = 128 << 10;
+/// Reads of 1 MiB: a cold read-back with 128 KiB reads ran at ~0.4x the disk's speed here.
+const HASH_BUFFER_BYTES: usize = 1 << 20;
 /// Buffers in flight between the reading and the hashing thread.
 const HASH_BUFFERS: usize = 4;
 
@@ -127,7 +128,7 @@ pub fn generate(image: &Path) -> Result<Bmap, BmapError> {
 /// Feeds bytes `[start, end)` of `file` to `hasher`; a file shorter than `end` is an error.
 ///
 /// The calling thread reads while a helper thread hashes the buffer read before, so a range
-/// costs about the slower of the two instead of their sum (the buffers stay in L2).
+/// costs about the slower of the two instead of their sum.
 pub(crate) fn hash_file_range(hasher: &mut Sha256, file: &File, start: u64, end: u64) -> io::Result<()> {
     let len = end.saturating_sub(start);
     if len <= HASH_BUFFER_BYTES as u64 {
@@ -136,15 +137,43 @@ pub(crate) fn hash_file_range(hasher: &mut Sha256, file: &File, start: u64, end:
         hasher.update(&buf);
         return Ok(());
     }
+    pipelined(hasher, file, start, end, 1)
+}
+
+/// Bytes that reads through O_DIRECT must be aligned to (buffer, offset and length): the
+/// largest logical block size of disks and filesystems kiln writes to.
+pub(crate) const DIRECT_ALIGN: u64 = 4096;
+
+/// Whether `[start, end)` can be read or written with O_DIRECT (offsets, lengths and buffer
+/// addresses alike).
+pub(crate) fn direct_aligned(start: u64, end: u64) -> bool {
+    start.is_multiple_of(DIRECT_ALIGN) && end.is_multiple_of(DIRECT_ALIGN)
+}
+
+/// [`hash_file_range`] for a file opened with O_DIRECT: the device reads straight into
+/// aligned buffers, without the page cache's copy. `start` and `end` must be multiples of
+/// [`DIRECT_ALIGN`] (else InvalidInput); a filesystem without O_DIRECT fails with EINVAL.
+pub(crate) fn hash_direct_range(hasher: &mut Sha256, file: &File, start: u64, end: u64) -> io::Result<()> {
+    if !direct_aligned(start, end) {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "O_DIRECT read of an unaligned range"));
+    }
+    pipelined(hasher, file, start, end, DIRECT_ALIGN as usize)
+}
+
+/// Reads `[start, end)` into HASH_BUFFERS rotating buffers, each used from its first byte
+/// aligned to `align`, and hashes them on a helper thread.
+fn pipelined(hasher: &mut Sha256, file: &File, start: u64, end: u64, align: usize) -> io::Result<()> {
+    let window = |buf: &[u8]| buf.as_ptr().align_offset(align).min(align - 1);
     std::thread::scope(|scope| {
         let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize)>(HASH_BUFFERS);
         let (empty_tx, empty_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(HASH_BUFFERS);
         for _ in 0..HASH_BUFFERS {
-            let _ = empty_tx.send(vec![0u8; HASH_BUFFER_BYTES]);
+            let _ = empty_tx.send(vec![0u8; HASH_BUFFER_BYTES + align - 1]);
         }
         let helper = scope.spawn(move || {
             for (buf, n) in full_rx {
-                hasher.update(&buf[..n]);
+                let at = window(&buf);
+                hasher.update(&buf[at..at + n]);
                 // The reader is gone only when it stopped early; the buffer can go too.
                 let _ = empty_tx.send(buf);
             }
@@ -153,8 +182,9 @@ pub(crate) fn hash_file_range(hasher: &mut Sha256, file: &File, start: u64, end:
         let mut read = Ok(());
         while off < end {
             let Ok(mut buf) = empty_rx.recv() else { break };
-            let want = usize::try_from(end - off).unwrap_or(usize::MAX).min(buf.len());
-            if let Err(e) = file.read_exact_at(&mut buf[..want], off) {
+            let want = usize::try_from(end - off).unwrap_or(usize::MAX).min(HASH_BUFFER_BYTES);
+            let at = window(&buf);
+            if let Err(e) = file.read_exact_at(&mut buf[at..at + want], off) {
                 read = Err(e);
                 break;
             }
@@ -405,6 +435,28 @@ mod tests {
     /// The pipelined range hash equals a one-shot sha256 of the same bytes, for ranges shorter
     /// than a buffer, of whole buffers, and of many buffers and a remainder; a range past the
     /// end of the file is an error, not a short hash.
+    /// O_DIRECT reads land in aligned buffers and hash the same as buffered reads; an
+    /// unaligned range is refused before any read.
+    #[test]
+    fn hash_direct_range_matches_a_one_shot_hash() {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let data: Vec<u8> = (0..(HASH_BUFFER_BYTES * 3 + 5 * 4096)).map(|i| (i * 13 % 253) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let file = File::options().read(true).custom_flags(nix::libc::O_DIRECT).open(&path).unwrap();
+        let (n, b, a) = (data.len() as u64, HASH_BUFFER_BYTES as u64, DIRECT_ALIGN);
+        for (start, end) in [(0, a), (a, b + a), (0, n), (b - a, n - a)] {
+            let mut h = Sha256::new();
+            hash_direct_range(&mut h, &file, start, end).unwrap();
+            let want = hex::encode(Sha256::digest(&data[start as usize..end as usize]));
+            assert_eq!(hex::encode(h.finalize()), want, "{start}..{end}");
+        }
+        let err = hash_direct_range(&mut Sha256::new(), &file, 1, a).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert!(hash_direct_range(&mut Sha256::new(), &file, n - a, n + b).is_err());
+    }
+
     #[test]
     fn hash_file_range_matches_a_one_shot_hash() {
         let dir = tempfile::tempdir().unwrap();
