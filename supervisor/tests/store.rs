@@ -415,6 +415,27 @@ fn promote_checked_copies_against_the_check_digest_and_refuses_a_mismatch() {
     assert!(matches!(err, StoreError::Cancelled), "{err:?}");
 }
 
+/// A source the kernel cannot copy from with sendfile(2) (a FIFO here; a filesystem that
+/// cannot splice on a device) is copied through user space instead, hashed the same way.
+#[test]
+fn a_source_the_kernel_cannot_copy_from_is_copied_through_user_space() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bytes = pattern(3 * MIB + 7, 42);
+    let sha = sha_of(&bytes);
+    let fifo = tmp.path().join("m.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let writer = {
+        let (fifo, bytes) = (fifo.clone(), bytes.clone());
+        std::thread::spawn(move || std::fs::write(fifo, bytes))
+    };
+    let hot = HotTier::open(&tmp.path().join("hot"), 64 * MIB).unwrap();
+    let report = hot.promote(&fifo, &sha, &CopyOptions::default(), &no_progress).unwrap();
+    writer.join().unwrap().unwrap();
+    assert_eq!(report.bytes, bytes.len() as u64);
+    assert_eq!(report.blake3.as_deref(), Some(blake3_of(&bytes).as_str()));
+    assert_eq!(std::fs::read(hot.path_of(&sha)).unwrap(), bytes);
+}
+
 #[test]
 fn promote_over_budget_is_refused_before_copying() {
     let tmp = tempfile::tempdir().unwrap();

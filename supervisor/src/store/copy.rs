@@ -1,18 +1,25 @@
-//! The one-pass copy engine: read a chunk, write it, and hash it on a second thread, so
-//! the hash overlaps the next read and write and a copy runs near the speed of `cat`.
+//! The copy engine. A hot-tier copy is done in the kernel (sendfile(2), no user-space
+//! copy) while a second thread hashes each chunk just written, read back from the target:
+//! measured here (98 MB store file in the page cache to tmpfs) that is ~0.93x `cat`'s wall
+//! time for a whole `kilnd prewarm`, where reading into a buffer, writing it and hashing it
+//! was ~0.74x. Everything else (imports, fetches, hashing a file) reads a chunk, writes it,
+//! and hashes it on a second thread, so the hash overlaps the next read and write.
 //! The hash is SHA-256 (the spec's), BLAKE3 (the store's check digest, see `persistent`),
 //! or both in one pass ([`Digests`]).
 
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
 use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
+use nix::sys::sendfile::sendfile;
 use sha2::{Digest, Sha256};
 
 use super::error::{IoContext, StoreError};
@@ -71,6 +78,12 @@ impl Digests {
         (hex::encode(self.sha256.clone().finalize()), self.blake3.finalize().to_hex().to_string())
     }
 }
+/// Chunk of an unthrottled in-kernel copy ([`Pump::run_in_kernel`]): one sendfile(2) call.
+pub(crate) const KERNEL_COPY_CHUNK_BYTES: usize = 1 << 20;
+/// Chunks the in-kernel copy may run ahead of the hashing thread.
+const KERNEL_COPY_CHUNKS_AHEAD: usize = 2;
+/// The hashing thread reads a copied chunk back in pieces of this size (kept in L2).
+const READ_BACK_BYTES: usize = 256 << 10;
 /// Smallest chunk of a throttled copy, so the syscall count stays sane.
 const MIN_THROTTLED_CHUNK_BYTES: usize = 64 << 10;
 /// Longest single sleep of a throttled copy, so a cancel is seen promptly.
@@ -175,6 +188,17 @@ pub(crate) enum PumpError {
     Cancelled,
 }
 
+/// Why an in-kernel copy ([`Pump::run_in_kernel`]) stopped early.
+#[derive(Debug)]
+pub(crate) enum KernelCopyError<H> {
+    Pump(PumpError),
+    /// Reading the copy back to hash it failed.
+    ReadBack(io::Error),
+    /// The kernel cannot copy between these files (sendfile(2) refused before any byte
+    /// moved): copy them through user space, starting from the state handed back.
+    Unsupported(H),
+}
+
 impl Pump<'_> {
     /// The chunk size for this pump: smaller when throttled so the rate stays smooth.
     pub(crate) fn chunk_bytes(&self) -> usize {
@@ -225,6 +249,81 @@ impl Pump<'_> {
             (self.progress)(*done, self.total_bytes);
             self.throttle(start, pumped)?;
         }
+    }
+
+    /// Copies `src` to `dst` (both at offset 0, `src` to its end) in the kernel: sendfile(2)
+    /// moves each chunk from the page cache to `dst` with no user-space copy, while a second
+    /// thread reads back the chunk just written (its pages still in the CPU's cache) and
+    /// hashes it into `state`. The hash therefore covers what landed in `dst`, one chunk
+    /// behind the copy; cancel, throttle and progress work as in [`Pump::run`]. Returns the
+    /// final state. `dst` must be open for reading too.
+    pub(crate) fn run_in_kernel<H: ChunkHash>(
+        &self,
+        src: &File,
+        dst: &File,
+        chunk_bytes: usize,
+        state: H,
+        done: &mut u64,
+    ) -> Result<H, KernelCopyError<H>> {
+        let start = Instant::now();
+        let mut offset: i64 = 0;
+        std::thread::scope(|scope| {
+            let (tx, rx) = sync_channel::<(u64, usize)>(KERNEL_COPY_CHUNKS_AHEAD);
+            let hasher = std::thread::Builder::new()
+                .name("kiln-hash".into())
+                .spawn_scoped(scope, move || -> io::Result<H> {
+                    let mut state = state;
+                    let mut buf = vec![0u8; READ_BACK_BYTES];
+                    for (at, len) in rx {
+                        let mut piece_at = at;
+                        while piece_at < at + len as u64 {
+                            let n = READ_BACK_BYTES.min((at + len as u64 - piece_at) as usize);
+                            dst.read_exact_at(&mut buf[..n], piece_at)?;
+                            state.update(&buf[..n]);
+                            piece_at += n as u64;
+                        }
+                    }
+                    Ok(state)
+                })
+                .map_err(|e| KernelCopyError::Pump(PumpError::Write(e)))?;
+            let copied = (|| loop {
+                if self.cancelled() {
+                    return Err(Some(PumpError::Cancelled));
+                }
+                let at = offset as u64;
+                let len = match sendfile(dst.as_fd(), src.as_fd(), Some(&mut offset), chunk_bytes) {
+                    Ok(len) => len,
+                    Err(Errno::EINTR) => continue,
+                    // A source without a page cache (a pipe: ESPIPE) or a filesystem that cannot splice.
+                    Err(Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP | Errno::ESPIPE) if at == 0 => {
+                        return Err(None);
+                    }
+                    // sendfile does not say which side failed: out of room is the target's.
+                    Err(e @ (Errno::ENOSPC | Errno::EDQUOT | Errno::EFBIG | Errno::EROFS)) => {
+                        return Err(Some(PumpError::Write(e.into())));
+                    }
+                    Err(e) => return Err(Some(PumpError::Read(e.into()))),
+                };
+                if len == 0 {
+                    return Ok(());
+                }
+                if tx.send((at, len)).is_err() {
+                    return Ok(()); // the hasher failed: its error is reported below
+                }
+                *done += len as u64;
+                (self.progress)(*done, self.total_bytes);
+                self.throttle(start, *done).map_err(Some)?;
+            })();
+            drop(tx);
+            let hashed = hasher.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            match (copied, hashed) {
+                // Nothing was sent to the hasher: its state is the one it was given.
+                (Err(None), Ok(state)) => Err(KernelCopyError::Unsupported(state)),
+                (Err(Some(e)), _) => Err(KernelCopyError::Pump(e)),
+                (_, Err(e)) => Err(KernelCopyError::ReadBack(e)),
+                (Ok(()), Ok(state)) => Ok(state),
+            }
+        })
     }
 
     /// Sleeps until `pumped` bytes are due at the rate limit, in slices, watching `cancel`.

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::copy::{
-    BLAKE3_BUFFERS, BLAKE3_CHUNK_BYTES, BUFFERS, CHUNK_BYTES, ChunkHash, Digests, PipelinedHasher, Pump, PumpError,
-    advise_sequential, blake3_file, hash_file,
+    BLAKE3_BUFFERS, BLAKE3_CHUNK_BYTES, BUFFERS, CHUNK_BYTES, ChunkHash, Digests, KERNEL_COPY_CHUNK_BYTES,
+    KernelCopyError, PipelinedHasher, Pump, PumpError, advise_sequential, blake3_file, hash_file,
 };
 use super::error::{IoContext, StoreError, is_no_space};
 use super::persistent::MODEL_SUFFIX;
@@ -167,8 +167,9 @@ impl HotTier {
         Ok(Reservation { tier: self, bytes: needed })
     }
 
-    /// Copies `src` (the store's file) into the hot tier in one read pass that also
-    /// hashes; the copy gets its final name only if it hashes to `sha256`. The report
+    /// Copies `src` (the store's file) into the hot tier, hashing the bytes that landed
+    /// there on the way (see `Pump::run_in_kernel`); the copy gets its final name only if it
+    /// hashes to `sha256`. The report
     /// carries the BLAKE3 of the same bytes, for the store to record as its check digest.
     pub fn promote(
         &self,
@@ -243,7 +244,8 @@ impl HotTier {
 
         let n = NEXT_TMP.fetch_add(1, Ordering::Relaxed);
         let tmp_path = self.dir.join(format!(".{sha}{TMP_MARKER}{}-{n}", std::process::id()));
-        let mut tmp_file = OpenOptions::new().write(true).create_new(true).open(&tmp_path).at("creating", &tmp_path)?;
+        let mut tmp_file =
+            OpenOptions::new().read(true).write(true).create_new(true).open(&tmp_path).at("creating", &tmp_path)?;
         let mut tmp = TempFile { path: tmp_path, armed: true };
 
         let pump = Pump {
@@ -253,21 +255,33 @@ impl HotTier {
             progress,
         };
         // A throttled copy goes in the pump's smaller chunks, so its rate stays smooth.
-        let chunk_bytes =
-            if opts.rate_limit_bytes_per_sec.is_some_and(|r| r > 0) { pump.chunk_bytes() } else { chunk_bytes };
-        let mut hasher =
-            PipelinedHasher::with_buffers(chunk_bytes, buffers, state).at("starting a hasher for", &tmp.path)?;
+        let throttled = opts.rate_limit_bytes_per_sec.is_some_and(|r| r > 0);
+        let cancelled = |bytes| {
+            tracing::info!(sha256 = %sha, tier = "hot", bytes, "prewarm copy cancelled");
+            StoreError::Cancelled
+        };
         let mut bytes = 0;
-        match pump.run(&mut src_file, Some(&mut tmp_file), &mut hasher, &mut bytes) {
-            Ok(()) => {}
-            Err(PumpError::Read(e)) => return Err(StoreError::io("reading", src, e)),
-            Err(PumpError::Write(e)) => return Err(self.write_error(needed, &tmp.path, e)),
-            Err(PumpError::Cancelled) => {
-                tracing::info!(sha256 = %sha, tier = "hot", bytes, "prewarm copy cancelled");
-                return Err(StoreError::Cancelled);
+        let kernel_chunk = if throttled { pump.chunk_bytes() } else { KERNEL_COPY_CHUNK_BYTES };
+        let state = match pump.run_in_kernel(&src_file, &tmp_file, kernel_chunk, state, &mut bytes) {
+            Ok(state) => state,
+            Err(KernelCopyError::Pump(PumpError::Read(e))) => return Err(StoreError::io("reading", src, e)),
+            Err(KernelCopyError::Pump(PumpError::Write(e))) => return Err(self.write_error(needed, &tmp.path, e)),
+            Err(KernelCopyError::Pump(PumpError::Cancelled)) => return Err(cancelled(bytes)),
+            Err(KernelCopyError::ReadBack(e)) => return Err(StoreError::io("reading back", &tmp.path, e)),
+            // Files the kernel cannot copy between (a source without a page cache): through user space.
+            Err(KernelCopyError::Unsupported(state)) => {
+                let chunk_bytes = if throttled { pump.chunk_bytes() } else { chunk_bytes };
+                let mut hasher = PipelinedHasher::with_buffers(chunk_bytes, buffers, state)
+                    .at("starting a hasher for", &tmp.path)?;
+                match pump.run(&mut src_file, Some(&mut tmp_file), &mut hasher, &mut bytes) {
+                    Ok(()) => {}
+                    Err(PumpError::Read(e)) => return Err(StoreError::io("reading", src, e)),
+                    Err(PumpError::Write(e)) => return Err(self.write_error(needed, &tmp.path, e)),
+                    Err(PumpError::Cancelled) => return Err(cancelled(bytes)),
+                }
+                hasher.into_state().at("hashing", src)?
             }
-        }
-        let state = hasher.into_state().at("hashing", src)?;
+        };
         let blake3 = check(&state)?;
         if bytes != needed {
             tmp_file.set_len(bytes).at("truncating", &tmp.path)?;
