@@ -236,6 +236,13 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
         let mut term = signal(SignalKind::terminate()).context("watching SIGTERM")?;
         let mut int = signal(SignalKind::interrupt()).context("watching SIGINT")?;
         let signalled = Arc::new(tokio::sync::Notify::new());
+        // Each streamed token is a small write: without TCP_NODELAY, Nagle's algorithm holds a
+        // chunk back while the one before is unacknowledged.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::warn!("setting TCP_NODELAY on a connection: {e}");
+            }
+        });
         let server = axum::serve(listener, app).with_graceful_shutdown({
             let signalled = signalled.clone();
             async move { signalled.notified().await }
