@@ -16,7 +16,7 @@ MODEL_ID = "smollm2-135m"
 _starts = 0
 
 
-def device(state, model, supervisor="", extra=""):
+def device(state, model, supervisor="", extra="", model_extra=""):
     """A state dir with the model hard-linked into its store and a spec, as supervisor/tests/serve.rs does."""
     store = os.path.join(state, "var/lib/kiln/models")
     os.makedirs(store, exist_ok=True)
@@ -34,7 +34,7 @@ system: {{ timezone: UTC }}
 memory:
   tmpfs: {{ path: /var/cache/kiln/hot, size: 256MiB }}
 models:
-  - {{ id: {MODEL_ID}, sha256: {SMOL_SHA}, size: {size}, context: 2048, threads: 2, pin: true }}
+  - {{ id: {MODEL_ID}, sha256: {SMOL_SHA}, size: {size}, context: 2048, threads: 2, pin: true{model_extra} }}
 cache:
   responses: {{ memory: 16MiB, disk: 64MiB, ttl: 1h }}
   prefix: {{ size: 64MiB, ttl: 1d }}

@@ -284,8 +284,8 @@ def memory(ctx, rounds):
 
 
 def concurrency(ctx, rounds, levels=(1, 2, 4, 8), per_client=3, max_tokens=64):
-    """N clients at once, each sending `per_client` requests back to back."""
-    k = ctx.kilnd_main()
+    """N clients at once, each sending `per_client` requests back to back. Each server is set up
+    for N: llama-server with -np N slots, kilnd with `parallel: N` on the model."""
     port = ctx.port()
     rows, raw = [], {}
     seq = [0]
@@ -330,6 +330,10 @@ def concurrency(ctx, rounds, levels=(1, 2, 4, 8), per_client=3, max_tokens=64):
                 "errors": errs, "wall": wall, "late": any("time limit" in e for e in errs)}
 
     for n in levels:
+        ctx.close()  # the shared servers: out of the way of this level's
+        st = ctx.state(f"concurrency-{n}")
+        k = procs.Kilnd(ctx.kilnd, procs.device(st, ctx.model, model_extra=f", parallel: {n}"), st)
+        check(Conn(k.url).stream(CHAT, chat(story(-2), 8, **SAMPLING)), "warm")
         ls = procs.LlamaServer(ctx.llama_server, ctx.model, port, ["-c", str(2048 * n), "-np", str(n)])
         check(Conn(ls.url).stream(CHAT, chat(story(-2), 8, **SAMPLING)), "warm")
         kt, lt, kp, lp, k429, l429, kerr, lerr, foreign = [], [], [], [], 0, 0, 0, 0, []
@@ -360,8 +364,10 @@ def concurrency(ctx, rounds, levels=(1, 2, 4, 8), per_client=3, max_tokens=64):
             ctx.log(f"concurrency {n} round {r}: kilnd {a['tps']:.1f} tok/s p99 {a['p99_ms']:.0f} ms {a['codes']} "
                     f"| llama-server {b['tps']:.1f} tok/s p99 {b['p99_ms']:.0f} ms {b['codes']}")
         ls.stop()
+        k.stop()
         note = (f"{n} clients x {per_client} requests, max_tokens {max_tokens}; 429s kilnd {k429} llama-server "
-                f"{l429}; other errors kilnd {kerr} llama-server {lerr}; llama-server -np {n} -c {2048 * n}; "
+                f"{l429}; other errors kilnd {kerr} llama-server {lerr}; llama-server -np {n} -c {2048 * n}, "
+                f"kilnd parallel: {n} (context 2048 each); "
                 f"rounds run again for other work on the machine: {retried}; other work during the kept rounds "
                 f"(cores): {foreign}")
         rows.append(comparison(f"concurrency {n}: throughput", "tok/s", "higher", kt, "llama-server", lt, None, note))

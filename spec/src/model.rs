@@ -171,7 +171,7 @@ pub struct Model {
     pub source: ModelSource,
     pub sha256: String,
     pub size_bytes: u64,
-    /// f16 K+V bytes for `context` tokens, when the GGUF header was readable.
+    /// f16 K+V bytes for `context` x `parallel` tokens, when the GGUF header was readable.
     pub kv_bytes: Option<u64>,
     /// Weights llama.cpp repacks into anonymous memory on the board's CPU (so held twice),
     /// when the GGUF header was readable.
@@ -179,6 +179,8 @@ pub struct Model {
     pub context: u32,
     pub threads: u32,
     pub batch: u32,
+    /// Generations decoded together (continuous batching); each has `context` tokens.
+    pub parallel: u32,
     pub pin: bool,
     pub priority: i32,
     pub chat_template: Option<String>,
@@ -206,7 +208,7 @@ impl Model {
     /// on the device the normalized spec names models by hash, and kilnd reads the store's copy.
     pub fn complete_from(&mut self, header: &crate::gguf::GgufInfo, repack: crate::gguf::Repack) {
         if self.kv_bytes.is_none() {
-            self.kv_bytes = header.kv_cache_bytes(u64::from(self.context));
+            self.kv_bytes = header.kv_cache_bytes(u64::from(self.context) * u64::from(self.parallel.max(1)));
         }
         if self.repacked_bytes.is_none() {
             self.repacked_bytes = Some(header.repacked_bytes(repack));

@@ -380,6 +380,10 @@ pub struct Model {
     /// Prompt batch size (default 512).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch: Option<u32>,
+    /// Generations decoded together, one batch per step (default 1). Each has the whole
+    /// context; the KV cache holds context x parallel tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel: Option<u32>,
     /// Keep in the hot tier; never evicted for space.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pin: Option<bool>,

@@ -102,6 +102,8 @@ enum Command {
         context: u32,
         #[arg(long)]
         batch: u32,
+        #[arg(long, default_value_t = 1)]
+        parallel: u32,
         #[arg(long)]
         prefix_dir: Option<PathBuf>,
     },
@@ -340,13 +342,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             state_dir: cli.state_dir.clone(),
             listen: *listen,
         }),
-        Command::Worker { gguf, sha256, threads, context, batch, prefix_dir } => {
+        Command::Worker { gguf, sha256, threads, context, batch, parallel, prefix_dir } => {
             kiln_supervisor::worker::child::run(&kiln_supervisor::worker::child::WorkerArgs {
                 gguf: gguf.clone(),
                 sha256: sha256.clone(),
                 threads: *threads,
                 context: *context,
                 batch: *batch,
+                parallel: *parallel,
                 prefix_dir: prefix_dir.clone(),
             })?;
             Ok(ExitCode::SUCCESS)

@@ -170,6 +170,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
             threads: m.threads,
             context: m.context,
             batch: m.batch,
+            parallel: m.parallel,
             prefix_dir: prefix_dir.clone(),
             keep_alive: Duration::from_secs(spec.cache.keep_alive_secs.max(1)),
             load_timeout: Duration::from_secs(600),

@@ -530,6 +530,118 @@ fn a_client_that_disconnects_cancels_its_generation() {
     assert_eq!(k.worker()["busy"], false);
 }
 
+/// The spec of `device` with `parallel: n` on the model.
+fn device_parallel(state: &Path, n: u32) -> PathBuf {
+    let spec = device(state, "");
+    let text = std::fs::read_to_string(&spec).unwrap().replace("pin: true }", &format!("pin: true, parallel: {n} }}"));
+    std::fs::write(&spec, text).unwrap();
+    spec
+}
+
+/// Reads SSE lines from `reader` until the first completion text arrives.
+fn first_text(reader: &mut impl BufRead) -> String {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(reader.read_line(&mut line).unwrap() > 0, "the stream ended before any text");
+        if let Some(data) = line.trim().strip_prefix("data: ")
+            && let Ok(v) = serde_json::from_str::<Value>(data)
+            && let Some(t) = v["choices"][0]["text"].as_str()
+            && !t.is_empty()
+        {
+            return t.to_owned();
+        }
+    }
+}
+
+#[test]
+fn with_parallel_a_request_is_answered_while_another_generates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = device_parallel(tmp.path(), 2);
+    let k = Kilnd::start(&spec, tmp.path());
+    // Greedy counting goes on to max_tokens (no end of text): a long generation.
+    let long = json!({"prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 400, "temperature": 0, "stream": true,
+                      "stream_options": {"include_usage": true}});
+    let mut a = Kilnd::agent().post(&format!("{}/v1/completions", k.url)).send_json(&long).unwrap();
+    assert_eq!(a.status().as_u16(), 200);
+    let mut a_reader = BufReader::new(a.body_mut().as_reader());
+    assert!(!first_text(&mut a_reader).is_empty());
+    // A second request while the first generates: with one sequence it would wait for all
+    // 400 tokens of the first.
+    let (status, b, _) =
+        k.post("/v1/completions", &json!({"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}));
+    assert_eq!(status, 200, "{b}");
+    assert_eq!(b["usage"]["completion_tokens"], 8, "{b}");
+    let w = k.worker();
+    assert_eq!(w["busy"], true, "the first generation should still run: {w}");
+    assert_eq!(w["inflight"], 1, "{w}");
+    let mut rest = String::new();
+    a_reader.read_to_string(&mut rest).unwrap();
+    let usage = rest
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .find(|v| v["usage"].is_object())
+        .unwrap_or_else(|| panic!("no usage chunk in {rest}"));
+    assert_eq!(usage["usage"]["completion_tokens"], 400, "{usage}");
+    // Both sequences were decoded together; each got its own, whole answer.
+    let (status, again, _) =
+        k.post("/v1/completions", &json!({"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}));
+    assert_eq!(status, 200);
+    assert_eq!(again["choices"][0]["text"], b["choices"][0]["text"], "a response-cache hit returns the same text");
+    let w = k.worker();
+    assert_eq!(
+        (w["busy"].clone(), w["inflight"].clone(), w["requests"].clone()),
+        (json!(false), json!(0), json!(2)),
+        "{w}"
+    );
+}
+
+#[test]
+fn parallel_generations_each_get_their_own_text_and_cancels() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = device_parallel(tmp.path(), 3);
+    let k = Kilnd::start(&spec, tmp.path());
+    // The same greedy prompts one at a time, then three at once: every answer is its own
+    // prompt's (events routed by request id), whichever sequence ran it.
+    let prompts = ["1, 2, 3, 4, 5,", "Monday, Tuesday, Wednesday,", "a, b, c, d, e,"];
+    // (12 and 13 tokens: different response-cache keys, so the second round is generated.)
+    let body = |p: &str, n: u32| json!({"prompt": p, "max_tokens": n, "temperature": 0});
+    let alone: Vec<Value> = prompts.iter().map(|p| k.post("/v1/completions", &body(p, 12)).1).collect();
+    let together: Vec<Value> = std::thread::scope(|s| {
+        let hs: Vec<_> = prompts.iter().map(|p| s.spawn(|| k.post("/v1/completions", &body(p, 13)).1)).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(k.worker()["requests"], 6);
+    for (a, t) in alone.iter().zip(&together) {
+        assert_eq!(t["usage"]["completion_tokens"], 13, "{t}");
+        // Batched and single decodes may differ in the last float bits; the first tokens of
+        // a counting sequence do not.
+        let (a, t) = (a["choices"][0]["text"].as_str().unwrap(), t["choices"][0]["text"].as_str().unwrap());
+        assert_eq!(a.get(..6), t.get(..6), "{a:?} vs {t:?}");
+    }
+    // A client that leaves cancels its own generation only.
+    let long = json!({"prompt": "1, 2, 3,", "max_tokens": 400, "temperature": 0, "stream": true});
+    let mut keep = Kilnd::agent().post(&format!("{}/v1/completions", k.url)).send_json(&long).unwrap();
+    let mut keep_reader = BufReader::new(keep.body_mut().as_reader());
+    first_text(&mut keep_reader);
+    let mut gone = Kilnd::agent().post(&format!("{}/v1/completions", k.url)).send_json(&long).unwrap();
+    let mut gone_reader = BufReader::new(gone.body_mut().as_reader());
+    first_text(&mut gone_reader);
+    drop(gone_reader);
+    drop(gone);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while k.worker()["cancelled"] != 1 {
+        assert!(Instant::now() < deadline, "the generation went on: {}", k.worker());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(k.worker()["busy"], true, "the other generation goes on");
+    let mut rest = String::new();
+    keep_reader.read_to_string(&mut rest).unwrap();
+    assert!(rest.contains("\"finish_reason\":\"length\""), "{rest}");
+    assert_eq!(k.worker()["cancelled"], 1);
+}
+
 #[test]
 fn a_full_queue_answers_429_with_retry_after() {
     let tmp = tempfile::tempdir().unwrap();

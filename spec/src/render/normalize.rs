@@ -176,6 +176,7 @@ fn model(m: &model::Model) -> raw::Model {
         context: Some(m.context),
         threads: Some(m.threads),
         batch: Some(m.batch),
+        parallel: (m.parallel > 1).then_some(m.parallel),
         pin: Some(m.pin),
         priority: Some(m.priority),
         chat_template: m.chat_template.clone(),

@@ -9,6 +9,8 @@ use crate::units::{format_bytes, mib, parse_bytes};
 
 const DEFAULT_CONTEXT: u32 = 2048;
 const DEFAULT_BATCH: u32 = 512;
+/// llama.cpp keeps a KV stream per parallel sequence; beyond this a Pi runs out of memory first.
+const MAX_PARALLEL: u32 = 64;
 
 impl Validator<'_> {
     /// Items that could not be read (`None`, already reported) are skipped, the rest checked.
@@ -144,6 +146,10 @@ impl Validator<'_> {
         if batch == 0 || batch > context {
             self.err(&at("batch"), format!("{batch} is outside 1-{context} (the context)"));
         }
+        let parallel = m.parallel.unwrap_or(1);
+        if !(1..=MAX_PARALLEL).contains(&parallel) {
+            self.err(&at("parallel"), format!("{parallel} is outside 1-{MAX_PARALLEL}"));
+        }
         if m.chat_template.as_deref().is_some_and(|t| t.trim().is_empty()) {
             self.err(&at("chat-template"), "an empty template; remove chat-template to use the model's own");
         }
@@ -160,6 +166,7 @@ impl Validator<'_> {
             context,
             threads,
             batch,
+            parallel,
             pin: m.pin.unwrap_or(false),
             priority: m.priority.unwrap_or(0),
             chat_template: m.chat_template.clone(),
@@ -172,7 +179,13 @@ impl Validator<'_> {
         if let Some(max) = cg.and_then(|cg| cg.inference.memory_max_bytes)
             && model.footprint_bytes() > max
         {
-            let kv = kv_bytes.map_or("KV unknown".to_string(), |k| format!("KV {} MiB for {context} tokens", mib(k)));
+            let tokens = if parallel > 1 {
+                format!("{context} tokens x {parallel} parallel")
+            } else {
+                format!("{context} tokens")
+            };
+            let kv = kv_bytes.map_or("KV unknown".to_string(), |k| format!("KV {} MiB for {tokens}", mib(k)));
+            let lower = if parallel > 1 { "lower context or parallel, or" } else { "lower context or" };
             let kv = match repacked_bytes {
                 Some(r) if r > 0 => format!("{kv} + {} MiB of weights llama.cpp repacks for this CPU", mib(r)),
                 _ => kv,
@@ -180,7 +193,7 @@ impl Validator<'_> {
             self.err(
                     p,
                     format!(
-                        "needs {} MiB (weights {} MiB + {kv} + compute {} MiB) but cgroups.inference.memory-max is {} MiB; lower context or raise memory-max",
+                        "needs {} MiB (weights {} MiB + {kv} + compute {} MiB) but cgroups.inference.memory-max is {} MiB; {lower} raise memory-max",
                         mib(model.footprint_bytes()),
                         mib(size_bytes),
                         mib(crate::model::compute_buffer_bytes(batch)),

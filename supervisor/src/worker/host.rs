@@ -1,8 +1,9 @@
 //! kilnd's side of the workers: one task per model owns its worker process, takes jobs from
-//! a bounded queue, loads the worker on demand (after admission control), forwards its events
-//! to the HTTP handler, cancels when the client goes away, unloads after the keep-alive, and
+//! a bounded queue (up to the model's `parallel` in flight), loads the worker on demand (after
+//! admission control), forwards each job's events to its HTTP handler, cancels when the client goes away, unloads after the keep-alive, and
 //! restarts a crashed worker with backoff. kilnd never goes down because of a worker.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -81,6 +82,8 @@ pub struct Runtime {
     pub loads: u64,
     pub unloads: u64,
     pub busy: bool,
+    /// Generations the worker is running now (up to the model's `parallel`).
+    pub inflight: usize,
     pub queued: usize,
     /// Seconds since the epoch.
     pub last_used: Option<u64>,
@@ -106,6 +109,7 @@ impl Default for Runtime {
             loads: 0,
             unloads: 0,
             busy: false,
+            inflight: 0,
             queued: 0,
             last_used: None,
             last_error: None,
@@ -211,6 +215,8 @@ pub struct WorkerConfig {
     pub threads: u32,
     pub context: u32,
     pub batch: u32,
+    /// Generations the worker decodes together: jobs in flight at once.
+    pub parallel: u32,
     pub prefix_dir: Option<PathBuf>,
     pub keep_alive: Duration,
     pub load_timeout: Duration,
@@ -251,7 +257,14 @@ impl ModelWorker {
             ..Default::default()
         }));
         let id = cfg.model_id.clone();
-        let task = Task { cfg, rt: runtime.clone(), proc: None, backoff: Duration::ZERO, next_id: 1 };
+        let task = Task {
+            cfg,
+            rt: runtime.clone(),
+            proc: None,
+            backoff: Duration::ZERO,
+            next_id: 1,
+            inflight: HashMap::new(),
+        };
         tokio::spawn(task.run(rx, control_rx));
         ModelWorker { id, tx, control, runtime }
     }
@@ -295,6 +308,22 @@ struct Task {
     proc: Option<Proc>,
     backoff: Duration,
     next_id: u64,
+    /// Jobs sent to the worker and not done yet, by request id (at most `cfg.parallel`).
+    inflight: HashMap<u64, Inflight>,
+}
+
+/// A job the worker is running.
+struct Inflight {
+    job: Job,
+    queued_ms: f64,
+    /// Cancel was sent: the client went away.
+    cancelled: bool,
+}
+
+/// What the worker process did: a line (an event) or its exit.
+enum ProcEvent {
+    Line(std::io::Result<Option<String>>),
+    Exited,
 }
 
 /// Seconds since the epoch (0 before it).
@@ -302,48 +331,66 @@ pub fn now_secs() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// How often jobs in flight are checked for clients that went away (without tokens flowing,
+/// during a long prompt, a closed client is noticed no other way).
+const CLOSED_CHECK: Duration = Duration::from_millis(50);
+
 impl Task {
     fn rt(&self) -> std::sync::MutexGuard<'_, Runtime> {
         self.rt.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<Job>, mut control: mpsc::UnboundedReceiver<String>) {
+        let parallel = self.cfg.parallel.max(1) as usize;
+        let mut closed_check = tokio::time::interval(CLOSED_CHECK);
+        closed_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let idle = self.inflight.is_empty();
             let keep_alive = tokio::time::sleep(self.cfg.keep_alive);
-            let job = tokio::select! {
-                j = rx.recv() => j,
-                () = keep_alive, if self.proc.is_some() => {
+            tokio::select! {
+                j = rx.recv(), if self.inflight.len() < parallel => {
+                    let Some(job) = j else { break };
+                    {
+                        let mut rt = self.rt();
+                        rt.queued = rt.queued.saturating_sub(1);
+                    }
+                    if job.reply.is_closed() {
+                        continue; // the client left while queued
+                    }
+                    self.begin(job).await;
+                }
+                ev = proc_event(&mut self.proc, !idle) => match ev {
+                    ProcEvent::Line(line) => {
+                        if let Err(e) = self.on_line(line).await {
+                            self.lost(&e).await;
+                        }
+                    }
+                    // A worker that dies between requests (OOM-killed when its cgroup's limit
+                    // shrank, killed by hand) is noticed now, not by the next request.
+                    ProcEvent::Exited => {
+                        let how = self.reap().await;
+                        tracing::error!(message_id = how.message_id(), model = %self.cfg.model_id, "the idle worker for {} exited ({how}); it is loaded again on the next request", self.cfg.model_id);
+                        self.cfg.metrics.restarts.get_or_create(&crate::metrics::Metrics::model(&self.cfg.model_id)).inc();
+                        let mut rt = self.rt();
+                        rt.restarts += 1;
+                        rt.last_error = Some(format!("the idle worker exited ({how})"));
+                    }
+                },
+                _ = closed_check.tick(), if !idle => {
+                    if let Err(e) = self.cancel_closed().await {
+                        self.lost(&e).await;
+                    }
+                }
+                () = keep_alive, if idle && self.proc.is_some() => {
                     self.unload("keep-alive expired").await;
-                    continue;
                 }
-                // A worker that dies between requests (OOM-killed when its cgroup's limit
-                // shrank, killed by hand) is noticed now, not by the next request.
-                _ = exited(&mut self.proc), if self.proc.is_some() => {
-                    let how = self.reap().await;
-                    tracing::error!(message_id = how.message_id(), model = %self.cfg.model_id, "the idle worker for {} exited ({how}); it is loaded again on the next request", self.cfg.model_id);
-                    self.cfg.metrics.restarts.get_or_create(&crate::metrics::Metrics::model(&self.cfg.model_id)).inc();
-                    let mut rt = self.rt();
-                    rt.restarts += 1;
-                    rt.last_error = Some(format!("the idle worker exited ({how})"));
-                    continue;
-                }
-                Some(reason) = control.recv() => {
+                Some(reason) = control.recv(), if idle => {
                     if self.proc.is_some() {
                         tracing::warn!(message_id = message_id::EVICTION, model = %self.cfg.model_id, tier = "loaded", reason = %reason, "unloading {} ({reason})", self.cfg.model_id);
                         self.unload(&reason).await;
                     }
-                    continue;
                 }
-            };
-            let Some(job) = job else { break };
-            {
-                let mut rt = self.rt();
-                rt.queued = rt.queued.saturating_sub(1);
             }
-            if job.reply.is_closed() {
-                continue; // the client left while queued
-            }
-            self.serve(job).await;
         }
         self.unload("kilnd stopping").await;
     }
@@ -364,7 +411,9 @@ impl Task {
         }
     }
 
-    async fn serve(&mut self, job: Job) {
+    /// Loads the worker if it is not running (admission control first; an answer for the
+    /// job when it cannot be), then sends the job to it.
+    async fn begin(&mut self, job: Job) {
         if self.proc.is_none() {
             if !self.backoff.is_zero() {
                 tokio::time::sleep(self.backoff).await;
@@ -412,45 +461,6 @@ impl Task {
                 }
             }
         }
-        let id = self.next_id;
-        self.next_id += 1;
-        {
-            let mut rt = self.rt();
-            rt.busy = true;
-            rt.requests += 1;
-            rt.last_used = Some(now_secs());
-        }
-        let result = self.pump(id, &job).await;
-        {
-            let mut rt = self.rt();
-            rt.busy = false;
-            rt.last_used = Some(now_secs());
-        }
-        if let Err(e) = result {
-            // The worker died or the socket broke: find out how, answer 503, restart later.
-            let how = self.reap().await;
-            let message = format!("the worker for {} exited during the request ({how}); retry", self.cfg.model_id);
-            tracing::error!(message_id = how.message_id(), model = %self.cfg.model_id, error = %e, "{message}");
-            self.cfg.metrics.restarts.get_or_create(&crate::metrics::Metrics::model(&self.cfg.model_id)).inc();
-            self.bump_backoff();
-            {
-                let mut rt = self.rt();
-                rt.restarts += 1;
-                rt.failures += 1;
-                rt.last_error = Some(message.clone());
-            }
-            let _ = job.reply.send(Reply::Failed(Failure::new(503, message, Some(self.backoff.as_secs().max(1)))));
-        } else {
-            self.backoff = Duration::ZERO;
-        }
-    }
-
-    fn bump_backoff(&mut self) {
-        self.backoff = (self.backoff * 2).clamp(Duration::from_millis(500), Duration::from_secs(30));
-    }
-
-    /// Sends the job and forwards events until it is done. `Err` when the worker is gone.
-    async fn pump(&mut self, id: u64, job: &Job) -> Result<()> {
         let (prompt, prefix_bytes) = match &job.input {
             Input::Text(t) => (t.clone(), None),
             Input::Chat { messages, template_override } => {
@@ -469,12 +479,13 @@ impl Task {
                     Ok(r) => (r.prompt, r.prefix_bytes),
                     Err(message) => {
                         let _ = job.reply.send(Reply::Failed(Failure::new(400, message, None)));
-                        return Ok(());
+                        return;
                     }
                 }
             }
         };
-        let Some(p) = self.proc.as_mut() else { return Err(anyhow!("no worker")) };
+        let id = self.next_id;
+        self.next_id += 1;
         let req = Request::Generate {
             id,
             prompt,
@@ -482,53 +493,109 @@ impl Task {
             sampling: job.sampling.clone(),
             prompt_tokens_limit: job.prompt_tokens_limit,
         };
-        send(&mut p.write, &req).await?;
         let queued_ms = job.queued_at.elapsed().as_secs_f64() * 1e3;
-        let mut cancelled = false;
-        loop {
-            let line = tokio::select! {
-                line = p.lines.next_line() => line.context("reading from the worker")?,
-                () = job.reply.closed(), if !cancelled => {
-                    cancelled = true;
-                    send(&mut p.write, &Request::Cancel { id }).await?;
-                    continue;
-                }
-            };
-            let Some(line) = line else { return Err(anyhow!("the worker closed its socket")) };
-            let ev: Event =
-                serde_json::from_str(&line).with_context(|| format!("a bad line from the worker: {line}"))?;
-            let reply = match ev {
-                Event::Started { id: i, prompt_tokens, reused_tokens, prefix_restored, .. } if i == id => {
-                    Reply::Started { prompt_tokens, reused_tokens, prefix_restored, queued_ms }
-                }
-                Event::Token { id: i, text } if i == id => Reply::Token(text),
-                Event::Done { id: i, finish, prompt_tokens, completion_tokens, prompt_ms, generation_ms }
-                    if i == id =>
-                {
-                    if finish == Finish::Cancelled {
-                        self.rt.lock().unwrap_or_else(std::sync::PoisonError::into_inner).cancelled += 1;
-                    }
-                    let _ = job.reply.send(Reply::Done {
-                        finish,
-                        prompt_tokens,
-                        completion_tokens,
-                        prompt_ms,
-                        generation_ms,
-                    });
-                    return Ok(());
-                }
-                Event::Error { id: i, kind, message } if i == id => {
-                    let status = if kind == ErrorKind::BadRequest { 400 } else { 500 };
-                    let _ = job.reply.send(Reply::Failed(Failure::new(status, message, None)));
-                    return Ok(());
-                }
-                _ => continue, // a stale event of an earlier, cancelled job
-            };
-            if job.reply.send(reply).is_err() && !cancelled {
-                cancelled = true;
-                send(&mut p.write, &Request::Cancel { id }).await?;
-            }
+        {
+            let mut rt = self.rt();
+            rt.busy = true;
+            rt.requests += 1;
+            rt.last_used = Some(now_secs());
         }
+        self.inflight.insert(id, Inflight { job, queued_ms, cancelled: false });
+        self.rt().inflight = self.inflight.len();
+        if let Err(e) = self.send(&req).await {
+            self.lost(&e).await;
+        }
+    }
+
+    async fn send(&mut self, req: &Request) -> Result<()> {
+        let Some(p) = self.proc.as_mut() else { return Err(anyhow!("no worker")) };
+        send(&mut p.write, req).await
+    }
+
+    /// Sends Cancel for the jobs whose clients went away.
+    async fn cancel_closed(&mut self) -> Result<()> {
+        let gone: Vec<u64> =
+            self.inflight.iter().filter(|(_, f)| !f.cancelled && f.job.reply.is_closed()).map(|(id, _)| *id).collect();
+        for id in gone {
+            if let Some(f) = self.inflight.get_mut(&id) {
+                f.cancelled = true;
+            }
+            self.send(&Request::Cancel { id }).await?;
+        }
+        Ok(())
+    }
+
+    /// Forwards one event of the worker to its job. `Err` when the worker is gone.
+    async fn on_line(&mut self, line: std::io::Result<Option<String>>) -> Result<()> {
+        let Some(line) = line.context("reading from the worker")? else {
+            return Err(anyhow!("the worker closed its socket"));
+        };
+        let ev: Event = serde_json::from_str(&line).with_context(|| format!("a bad line from the worker: {line}"))?;
+        let (id, reply, last) = match ev {
+            Event::Started { id, prompt_tokens, reused_tokens, prefix_restored, .. } => {
+                let queued_ms = self.inflight.get(&id).map_or(0.0, |f| f.queued_ms);
+                (id, Reply::Started { prompt_tokens, reused_tokens, prefix_restored, queued_ms }, false)
+            }
+            Event::Token { id, text } => (id, Reply::Token(text), false),
+            Event::Done { id, finish, prompt_tokens, completion_tokens, prompt_ms, generation_ms } => {
+                if finish == Finish::Cancelled {
+                    self.rt().cancelled += 1;
+                }
+                (id, Reply::Done { finish, prompt_tokens, completion_tokens, prompt_ms, generation_ms }, true)
+            }
+            Event::Error { id, kind, message } => {
+                let status = if kind == ErrorKind::BadRequest { 400 } else { 500 };
+                (id, Reply::Failed(Failure::new(status, message, None)), true)
+            }
+            Event::Loaded(_) | Event::LoadFailed { .. } => return Ok(()),
+        };
+        if last {
+            // Done or Error: the job ends; the worker is healthy.
+            if let Some(f) = self.inflight.remove(&id) {
+                let _ = f.job.reply.send(reply);
+            }
+            self.backoff = Duration::ZERO;
+            self.rt().inflight = self.inflight.len();
+            if self.inflight.is_empty() {
+                let mut rt = self.rt();
+                rt.busy = false;
+                rt.last_used = Some(now_secs());
+            }
+            return Ok(());
+        }
+        let Some(f) = self.inflight.get_mut(&id) else { return Ok(()) }; // a job already answered
+        if f.job.reply.send(reply).is_err() && !f.cancelled {
+            f.cancelled = true;
+            self.send(&Request::Cancel { id }).await?;
+        }
+        Ok(())
+    }
+
+    /// The worker died or its socket broke during requests: find out how, answer every job
+    /// in flight 503, restart it later (with backoff).
+    async fn lost(&mut self, e: &anyhow::Error) {
+        let how = self.reap().await;
+        let message = format!("the worker for {} exited during the request ({how}); retry", self.cfg.model_id);
+        tracing::error!(message_id = how.message_id(), model = %self.cfg.model_id, error = %e, "{message}");
+        self.cfg.metrics.restarts.get_or_create(&crate::metrics::Metrics::model(&self.cfg.model_id)).inc();
+        self.bump_backoff();
+        {
+            let mut rt = self.rt();
+            rt.restarts += 1;
+            rt.failures += 1;
+            rt.last_error = Some(message.clone());
+            rt.busy = false;
+            rt.inflight = 0;
+            rt.last_used = Some(now_secs());
+        }
+        let retry = Some(self.backoff.as_secs().max(1));
+        for (_, f) in self.inflight.drain() {
+            let _ = f.job.reply.send(Reply::Failed(Failure::new(503, message.clone(), retry)));
+        }
+    }
+
+    fn bump_backoff(&mut self) {
+        self.backoff = (self.backoff * 2).clamp(Duration::from_millis(500), Duration::from_secs(30));
     }
 
     /// Waits for a dead worker and says how it ended (with its cgroup's memory events).
@@ -587,7 +654,8 @@ impl Task {
             .args(["--sha256", &c.sha256])
             .args(["--threads", &c.threads.to_string()])
             .args(["--context", &c.context.to_string()])
-            .args(["--batch", &c.batch.to_string()]);
+            .args(["--batch", &c.batch.to_string()])
+            .args(["--parallel", &c.parallel.max(1).to_string()]);
         if let Some(dir) = &c.prefix_dir {
             cmd.arg("--prefix-dir").arg(dir);
         }
@@ -684,10 +752,15 @@ impl std::fmt::Display for Exit {
     }
 }
 
-/// Resolves when the worker process ends; never when there is none.
-async fn exited(proc: &mut Option<Proc>) -> std::io::Result<std::process::ExitStatus> {
+/// The worker's next line when `lines` (jobs are in flight), else its exit; never when there
+/// is no worker.
+async fn proc_event(proc: &mut Option<Proc>, lines: bool) -> ProcEvent {
     match proc {
-        Some(p) => p.child.wait().await,
+        Some(p) if lines => ProcEvent::Line(p.lines.next_line().await),
+        Some(p) => {
+            let _ = p.child.wait().await;
+            ProcEvent::Exited
+        }
         None => std::future::pending().await,
     }
 }

@@ -2,8 +2,9 @@
 //! model's cgroup before it loads anything, talking to kilnd over a Unix socket pair handed
 //! to it as its stdin. The protocol is one JSON object per line each way.
 //!
-//! kilnd → worker: [`Request`]. worker → kilnd: [`Event`]. A worker serves one generation at
-//! a time; kilnd queues the rest (bounded) and sends `Cancel` when the client goes away.
+//! kilnd → worker: [`Request`]. worker → kilnd: [`Event`]. A worker runs up to the model's
+//! `parallel` generations at once, decoded together; kilnd sends that many, queues the rest
+//! (bounded), routes events by request id, and sends `Cancel` when a client goes away.
 
 pub mod child;
 pub mod host;
