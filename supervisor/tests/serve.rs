@@ -643,6 +643,47 @@ fn parallel_generations_each_get_their_own_text_and_cancels() {
 }
 
 #[test]
+fn a_killed_worker_fails_every_request_in_flight_with_503() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = device_parallel(tmp.path(), 2);
+    let k = Kilnd::start(&spec, tmp.path());
+    let (s, _, _) = k.post("/v1/completions", &json!({"prompt": "Hello", "max_tokens": 2}));
+    assert_eq!(s, 200);
+    let pid = k.worker()["pid"].as_u64().unwrap();
+    let long = |prompt: &'static str| {
+        let url = k.url.clone();
+        std::thread::spawn(move || {
+            let mut r = Kilnd::agent()
+                .post(&format!("{url}/v1/completions"))
+                .send_json(json!({"prompt": prompt, "max_tokens": 400, "temperature": 0}))
+                .unwrap();
+            (r.status().as_u16(), r.headers().get("retry-after").is_some(), r.body_mut().read_to_string().unwrap())
+        })
+    };
+    let (a, b) = (long("1, 2, 3, 4,"), long("10, 20, 30, 40,"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while k.worker()["inflight"] != 2 {
+        assert!(Instant::now() < deadline, "the requests never both started: {}", k.worker());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    for h in [a, b] {
+        let (status, retry_after, body) = h.join().unwrap();
+        assert_eq!(status, 503, "{body}");
+        assert!(retry_after && body.contains("exited during the request"), "{body}");
+    }
+    let w = k.worker();
+    assert_eq!(
+        (w["inflight"].clone(), w["busy"].clone(), w["restarts"].clone()),
+        (json!(0), json!(false), json!(1)),
+        "{w}"
+    );
+    let (s, body, _) = k.post("/v1/completions", &json!({"prompt": "Hello", "max_tokens": 2}));
+    assert_eq!(s, 200, "{body}");
+    assert_ne!(k.worker()["pid"].as_u64().unwrap(), pid);
+}
+
+#[test]
 fn a_full_queue_answers_429_with_retry_after() {
     let tmp = tempfile::tempdir().unwrap();
     let spec = device(tmp.path(), "  queue-depth: 1");
