@@ -505,6 +505,41 @@ fn the_prefix_cache_restores_a_long_system_prompt_after_a_restart() {
 }
 
 #[test]
+fn with_parallel_a_prefix_saved_from_one_sequence_is_restored_into_another() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = device_parallel(tmp.path(), 2);
+    let prefix_dir = tmp.path().join("var/cache/kiln/prefix");
+    let kv_files = || {
+        std::fs::read_dir(&prefix_dir).map_or(0, |rd| {
+            rd.filter_map(Result::ok).filter(|e| e.path().extension().is_some_and(|x| x == "kv")).count()
+        })
+    };
+    {
+        let k = Kilnd::start(&spec, tmp.path());
+        // A long generation holds the first sequence: the system prompt goes to the second.
+        let long = json!({"prompt": "1, 2, 3,", "max_tokens": 400, "temperature": 0, "stream": true});
+        let mut a = Kilnd::agent().post(&format!("{}/v1/completions", k.url)).send_json(&long).unwrap();
+        let mut a_reader = BufReader::new(a.body_mut().as_reader());
+        first_text(&mut a_reader);
+        let (s, body, h) = k.post("/v1/chat/completions", &with_system("Do you deliver?"));
+        assert_eq!(s, 200, "{body}");
+        assert_eq!(h["x-kiln-prefix-cache"], "miss");
+        assert_eq!(kv_files(), 1, "the system prompt's state was not saved");
+        // The next request with that system prompt goes to the sequence that holds it.
+        let (s, body, h) = k.post("/v1/chat/completions", &with_system("Which bread today?"));
+        assert_eq!(s, 200, "{body}");
+        assert!(h["x-kiln-reused-tokens"].to_str().unwrap().parse::<u32>().unwrap() > 900, "{h:?}");
+        assert_eq!(k.worker()["busy"], true, "the long generation still runs");
+    }
+    // A new worker: the state saved from the second sequence is restored into the first.
+    let k = Kilnd::start(&spec, tmp.path());
+    let (s, body, h) = k.post("/v1/chat/completions", &with_system("Are you open on Sunday?"));
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(h["x-kiln-prefix-cache"], "hit");
+    assert!(!body["choices"][0]["message"]["content"].as_str().unwrap().is_empty(), "{body}");
+}
+
+#[test]
 fn a_client_that_disconnects_cancels_its_generation() {
     let tmp = tempfile::tempdir().unwrap();
     let spec = device(tmp.path(), "");
