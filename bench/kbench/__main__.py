@@ -25,9 +25,10 @@ SECTIONS = {
     "builder": storage.builder,
 }
 ROUNDS = {"builder": 3, "concurrency": 3}
-# Sections cheap enough to run more rounds than the default, where the disk's speed varies from
-# read to read (prewarm's cold rows): 2n-1 rounds, 9 by default.
-MORE_ROUNDS = {"prewarm"}
+# Sections cheap enough to run more rounds than the default, whose rounds vary most: prewarm's
+# cold rows (the disk's speed varies from read to read) and decode (a round is one request of 128
+# tokens on a 2-core machine: +-5% between rounds). 2n-1 rounds, 9 by default.
+MORE_ROUNDS = {"prewarm", "decode"}
 
 
 class Ctx:
