@@ -319,11 +319,11 @@ impl Worker<'_> {
                     }
                 }
             }
-            while let Some(si) = self.slots.iter().position(|s| s.run.is_none())
+            while self.slots.iter().any(|s| s.run.is_none())
                 && let Some(p) = pending.pop_front()
             {
                 let id = p.id;
-                if let Err(e) = self.start(si, p) {
+                if let Err(e) = self.start(p) {
                     self.fail(id, e)?;
                 }
             }
@@ -376,10 +376,10 @@ impl Worker<'_> {
         self.out.send(&Event::Error { id, kind, message })
     }
 
-    /// Checks a request and puts it in slot `si` (another free slot if one already holds more
-    /// of its prompt): the KV shared with the slot's previous prompt, or the declared prefix
-    /// restored from the prefix cache, is kept; the rest of the prompt is decoded by the steps.
-    fn start(&mut self, si: usize, p: Pending) -> Result<()> {
+    /// Checks a request and puts it in the free slot that already holds most of its prompt:
+    /// the KV shared with the slot's previous prompt, or the declared prefix restored from the
+    /// prefix cache, is kept; the rest of the prompt is decoded by the steps.
+    fn start(&mut self, p: Pending) -> Result<()> {
         let tokens = self.tokenize(&p.prompt);
         let n_ctx = self.n_ctx_seq;
         if let Some(limit) = p.prompt_tokens_limit
@@ -402,10 +402,11 @@ impl Worker<'_> {
             return Err(BadRequest("the prompt is empty".into()).into());
         }
         let shared = |s: &Slot| s.cached.iter().zip(&tokens).take_while(|(a, b)| a == b).count();
+        // The free slot holding most of the prompt; the first free one when none holds any.
         let si = (0..self.slots.len())
             .filter(|&i| self.slots[i].run.is_none())
-            .max_by_key(|&i| (shared(&self.slots[i]), i == si))
-            .unwrap_or(si);
+            .max_by_key(|&i| (shared(&self.slots[i]), std::cmp::Reverse(i)))
+            .context("no free slot")?;
         let seq = self.slots[si].seq;
         let mut common = shared(&self.slots[si]);
         if common == tokens.len() {

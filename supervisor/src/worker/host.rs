@@ -1,6 +1,7 @@
 //! kilnd's side of the workers: one task per model owns its worker process, takes jobs from
 //! a bounded queue (up to the model's `parallel` in flight), loads the worker on demand (after
-//! admission control), forwards each job's events to its HTTP handler, cancels when the client goes away, unloads after the keep-alive, and
+//! admission control), forwards each job's events to its HTTP handler, cancels when the client
+//! goes away, unloads after the keep-alive, and
 //! restarts a crashed worker with backoff. kilnd never goes down because of a worker.
 
 use std::collections::HashMap;
@@ -494,14 +495,12 @@ impl Task {
             prompt_tokens_limit: job.prompt_tokens_limit,
         };
         let queued_ms = job.queued_at.elapsed().as_secs_f64() * 1e3;
+        self.inflight.insert(id, Inflight { job, queued_ms, cancelled: false });
         {
-            let mut rt = self.rt();
-            rt.busy = true;
+            let mut rt = self.show_inflight();
             rt.requests += 1;
             rt.last_used = Some(now_secs());
         }
-        self.inflight.insert(id, Inflight { job, queued_ms, cancelled: false });
-        self.rt().inflight = self.inflight.len();
         if let Err(e) = self.send(&req).await {
             self.lost(&e).await;
         }
@@ -555,10 +554,8 @@ impl Task {
                 let _ = f.job.reply.send(reply);
             }
             self.backoff = Duration::ZERO;
-            self.rt().inflight = self.inflight.len();
-            if self.inflight.is_empty() {
-                let mut rt = self.rt();
-                rt.busy = false;
+            let mut rt = self.show_inflight();
+            if !rt.busy {
                 rt.last_used = Some(now_secs());
             }
             return Ok(());
@@ -579,19 +576,27 @@ impl Task {
         tracing::error!(message_id = how.message_id(), model = %self.cfg.model_id, error = %e, "{message}");
         self.cfg.metrics.restarts.get_or_create(&crate::metrics::Metrics::model(&self.cfg.model_id)).inc();
         self.bump_backoff();
+        let jobs = std::mem::take(&mut self.inflight);
         {
-            let mut rt = self.rt();
+            let mut rt = self.show_inflight();
             rt.restarts += 1;
             rt.failures += 1;
             rt.last_error = Some(message.clone());
-            rt.busy = false;
-            rt.inflight = 0;
             rt.last_used = Some(now_secs());
         }
         let retry = Some(self.backoff.as_secs().max(1));
-        for (_, f) in self.inflight.drain() {
+        for f in jobs.into_values() {
             let _ = f.job.reply.send(Reply::Failed(Failure::new(503, message.clone(), retry)));
         }
+    }
+
+    /// Shows the jobs in flight in /status (`inflight`, and `busy` while there are any); the
+    /// lock is handed back for more.
+    fn show_inflight(&self) -> std::sync::MutexGuard<'_, Runtime> {
+        let mut rt = self.rt();
+        rt.inflight = self.inflight.len();
+        rt.busy = rt.inflight > 0;
+        rt
     }
 
     fn bump_backoff(&mut self) {
