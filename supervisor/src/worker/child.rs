@@ -20,10 +20,10 @@ use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::model::params::LlamaModelParams;
-use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use sha2::{Digest, Sha256};
 
+use super::pick::Picker;
 use super::text::TextStream;
 use super::{ErrorKind, Event, Finish, ModelInfo, Request, Sampling};
 
@@ -255,7 +255,7 @@ struct Gen {
     reused: usize,
     prefix_restored: bool,
     prefix_saved: bool,
-    sampler: LlamaSampler,
+    picker: Picker,
     text: TextStream,
     max_tokens: usize,
     n_out: usize,
@@ -464,7 +464,7 @@ impl Worker<'_> {
             reused: common,
             prefix_restored,
             prefix_saved: false,
-            sampler: sampler(s, self.model.vocab().n_tokens()),
+            picker: Picker::new(s, self.model.vocab().n_tokens()),
             text: TextStream::new(&s.stop),
             max_tokens: s.max_tokens as usize,
             n_out: 0,
@@ -578,7 +578,7 @@ impl Worker<'_> {
         for si in 0..self.slots.len() {
             let Some(g) = self.slots[si].run.as_mut() else { continue };
             let Some(idx) = g.logits.take() else { continue };
-            let tok = g.sampler.sample(&self.ctx, idx);
+            let tok = g.picker.pick(self.ctx.get_logits_ith(idx));
             if vocab.is_eog(tok) {
                 self.end(si, Finish::Stop)?;
                 continue;
@@ -665,34 +665,6 @@ impl Worker<'_> {
             }
         }
     }
-}
-
-fn sampler(s: &Sampling, n_vocab: i32) -> LlamaSampler {
-    let mut chain = Vec::new();
-    if s.repeat_penalty > 0.0 && (s.repeat_penalty - 1.0).abs() > f32::EPSILON {
-        chain.push(LlamaSampler::penalties(n_vocab, 64, s.repeat_penalty, 0.0, 0.0));
-    }
-    if s.temperature <= 0.0 {
-        chain.push(LlamaSampler::greedy());
-    } else {
-        if s.top_k > 0 {
-            chain.push(LlamaSampler::top_k(i32::try_from(s.top_k).unwrap_or(i32::MAX)));
-        }
-        if s.top_p < 1.0 {
-            chain.push(LlamaSampler::top_p(s.top_p, 1));
-        }
-        if s.min_p > 0.0 {
-            chain.push(LlamaSampler::min_p(s.min_p, 1));
-        }
-        chain.push(LlamaSampler::temp(s.temperature));
-        chain.push(LlamaSampler::dist(s.seed.unwrap_or_else(rand_seed)));
-    }
-    LlamaSampler::chain_simple(chain)
-}
-
-fn rand_seed() -> u32 {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos());
-    nanos.unwrap_or(0) ^ std::process::id()
 }
 
 /// Where the sha256 of a saved prefix state is kept.

@@ -8,6 +8,7 @@
 
 pub mod child;
 pub mod host;
+mod pick;
 pub mod text;
 
 use serde::{Deserialize, Serialize};
