@@ -260,7 +260,13 @@ pub fn write(image: &Path, bmap_path: &Path) -> Result<Bmap, BmapError> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let mut tmp = tempfile::Builder::new().prefix(".kiln-bmap-").tempfile_in(dir).map_err(write_err)?;
+    // Readable as the image beside it is (0666 less the umask, as File::create makes it), not
+    // tempfile's private 0600: whoever flashes the image reads its block map too.
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".kiln-bmap-")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
+        .tempfile_in(dir)
+        .map_err(write_err)?;
     tmp.write_all(to_xml(&bmap).as_bytes()).map_err(write_err)?;
     tmp.as_file().sync_all().map_err(write_err)?;
     tmp.persist(bmap_path).map_err(|e| write_err(e.error))?;
@@ -455,6 +461,18 @@ mod tests {
         let err = hash_direct_range(&mut Sha256::new(), &file, 1, a).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
         assert!(hash_direct_range(&mut Sha256::new(), &file, n - a, n + b).is_err());
+    }
+
+    #[test]
+    fn the_block_map_gets_the_same_mode_as_a_file_the_build_creates() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("x.img");
+        std::fs::write(&image, vec![7u8; 3 * 4096]).unwrap();
+        write(&image, &dir.path().join("x.img.bmap")).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.path().join("x.img.bmap")), mode(&image));
+        assert_ne!(mode(&image) & 0o044, 0, "the umask here leaves files readable by others");
     }
 
     #[test]
