@@ -184,6 +184,19 @@ def drop_page_cache(*paths):
     return left
 
 
+def evict(path):
+    """drop_page_cache for a cold measurement: refuses to go on when the file stays resident
+    (a process that maps it, such as a server left running from something else, pins its pages,
+    and the "cold" figure would be a warm one)."""
+    left = drop_page_cache(path)
+    size = os.path.getsize(path)
+    if left > size // 100:
+        users = subprocess.run(["fuser", path], capture_output=True, text=True)
+        raise RuntimeError(f"{path}: {left} of {size} bytes still in the page cache after eviction; processes "
+                           f"that may map it (fuser): {users.stdout.strip() or 'none found'}; stop them and rerun")
+    return left
+
+
 def resident_pages(path):
     out = subprocess.run(["fincore", "-nb", "-o", "RES", path], capture_output=True, text=True)
     try:

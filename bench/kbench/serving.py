@@ -90,14 +90,14 @@ def ttft(ctx, rounds):
     for r in range(rounds):
         ctx.quiet()
         # not loaded: weights in the store, out of the page cache.
-        left = procs.drop_page_cache(store)
+        left = procs.evict(store)
         k = procs.Kilnd(ctx.kilnd, spec, st)
         t_req = time.perf_counter()
         res = check(Conn(k.url).stream(CHAT, chat(f"Cold {r}: hello", 8, **SAMPLING)), "kilnd cold")
         s["k_cold_req"].append(res["ttft"])
         s["k_cold_proc"].append(t_req - k.t_spawn + res["ttft"])
         k.stop()
-        left2 = procs.drop_page_cache(store)
+        left2 = procs.evict(store)
         ls = procs.LlamaServer(ctx.llama_server, store, port, ["-c", "2048", "-np", "1"])
         t_req = time.perf_counter()
         res = check(Conn(ls.url).stream(CHAT, chat(f"Cold {r}: hello", 8, **SAMPLING)), "llama-server cold")

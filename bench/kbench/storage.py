@@ -53,7 +53,7 @@ def prewarm(ctx, rounds):
 
     def page_cache(mode):
         if mode == "cold":
-            procs.drop_page_cache(store)
+            procs.evict(store)
         else:
             procs.warm_page_cache(store)
 
