@@ -39,12 +39,12 @@ enum How {
 
 impl Picker {
     pub fn new(s: &Sampling, n_vocab: i32) -> Self {
-        let penalty = s.repeat_penalty > 0.0 && (s.repeat_penalty - 1.0).abs() > f32::EPSILON;
-        let how = if penalty {
+        // A penalty changes logits before top-k: only llama.cpp's chain applies it.
+        let how = if has_penalty(s) {
             How::Full(chain(s, n_vocab, true))
         } else if s.temperature <= 0.0 {
             How::Argmax
-        } else if s.top_k > 0 && s.top_k <= MAX_FAST_K {
+        } else if (1..=MAX_FAST_K).contains(&s.top_k) {
             How::TopK(s.top_k as usize, chain(s, n_vocab, false))
         } else {
             How::Full(chain(s, n_vocab, true))
@@ -96,10 +96,15 @@ fn token(i: usize) -> LlamaToken {
     LlamaToken(i as i32)
 }
 
+/// A repetition penalty other than 1 (0 or 1 turns it off).
+fn has_penalty(s: &Sampling) -> bool {
+    s.repeat_penalty > 0.0 && (s.repeat_penalty - 1.0).abs() > f32::EPSILON
+}
+
 /// The sampler chain for `s`; `with_top_k` false leaves top-k out (the worker did it).
 pub fn chain(s: &Sampling, n_vocab: i32, with_top_k: bool) -> LlamaSampler {
     let mut chain = Vec::new();
-    if s.repeat_penalty > 0.0 && (s.repeat_penalty - 1.0).abs() > f32::EPSILON {
+    if has_penalty(s) {
         chain.push(LlamaSampler::penalties(n_vocab, 64, s.repeat_penalty, 0.0, 0.0));
     }
     if s.temperature <= 0.0 {
