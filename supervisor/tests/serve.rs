@@ -1158,6 +1158,42 @@ fn the_worker_keeps_one_threadpool_and_sleeps_it_between_requests() {
     assert_eq!(ask(8).0, 200);
 }
 
+/// Streaming tokens wakes no worker thread but the decoding ones: the thread that reads
+/// requests sleeps through the generation. (With one socket for requests and events, each
+/// event kilnd read woke it: ~1 context switch per token, on a core the decode threads use.)
+#[test]
+fn streaming_tokens_does_not_wake_the_workers_request_thread() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = device(tmp.path(), "");
+    let k = Kilnd::start(&spec, tmp.path());
+    // Greedy counting runs to max_tokens (and is never answered from the response cache: each
+    // prompt differs).
+    let ask = |prompt: &str, n: u32| {
+        k.post("/v1/completions", &json!({"prompt": prompt, "max_tokens": n, "stream": true, "temperature": 0}))
+    };
+    assert_eq!(ask("1, 2,", 4).0, 200);
+    let pid = k.worker()["pid"].as_i64().unwrap();
+    let reader = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|t| {
+            std::fs::read_to_string(t.join("comm")).unwrap().trim() == kiln_supervisor::worker::child::REQUEST_THREAD
+        })
+        .expect("the worker names its request thread");
+    let switches = || -> u64 {
+        let status = std::fs::read_to_string(reader.join("status")).unwrap();
+        status.lines().find_map(|l| l.strip_prefix("voluntary_ctxt_switches:")).unwrap().trim().parse().unwrap()
+    };
+    let before = switches();
+    let (status, body, _) = ask("1, 2, 3,", 96);
+    assert_eq!(status, 200, "{body}");
+    let tokens = sse_events(body.as_str().unwrap()).len();
+    assert!(tokens > 48, "only {tokens} events streamed");
+    // One wake-up for the request itself (and one spare); not one per token.
+    let woken = switches() - before;
+    assert!(woken <= 3, "the request thread woke {woken} times while {tokens} events streamed");
+}
+
 /// A process holding `bytes` of anonymous memory, in a cgroup of its own beside kilnd's:
 /// `tail` keeps the whole newline-free "last line" of `head -c N /dev/zero` in memory.
 struct Hog {

@@ -1,5 +1,6 @@
 //! The worker process: loads one GGUF with llama.cpp (memory-mapped), then serves
-//! generations over the socket on its stdin, up to `parallel` at once, each in its own
+//! generations, requests read from the socket on its stdin and events written to the one on
+//! its stdout, up to `parallel` at once, each in its own
 //! sequence of the context, decoded together (continuous batching). A sequence reuses the KV
 //! cache of its previous request for a shared token prefix (as llama-server does), and saves/restores the
 //! KV state of a declared prompt prefix (a chat's system turn) in the prefix cache on disk.
@@ -26,6 +27,9 @@ use sha2::{Digest, Sha256};
 use super::pick::Picker;
 use super::text::TextStream;
 use super::{ErrorKind, Event, Finish, ModelInfo, Request, Sampling};
+
+/// The name of the worker's thread that reads requests (seen in /proc/PID/task/TID/comm).
+pub const REQUEST_THREAD: &str = "kiln-requests";
 
 /// Prefixes shorter than this are cheaper to recompute than to read back.
 pub const MIN_PREFIX_TOKENS: usize = 64;
@@ -80,12 +84,15 @@ impl Out {
 /// Runs the worker until kilnd closes the socket. It dies with kilnd (PR_SET_PDEATHSIG).
 pub fn run(args: &WorkerArgs) -> Result<()> {
     nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).context("PR_SET_PDEATHSIG")?;
-    let fd = std::io::stdin().as_fd().try_clone_to_owned().context("taking the socket on stdin")?;
-    let sock = UnixStream::from(fd);
-    let mut out = Out { sock: sock.try_clone().context("cloning the socket")?, buf: Vec::new() };
-    // A reader thread, so that requests and cancels arrive while generations run.
+    let sock = UnixStream::from(std::io::stdin().as_fd().try_clone_to_owned().context("taking the socket on stdin")?);
+    let events = std::io::stdout().as_fd().try_clone_to_owned().context("taking the socket on stdout")?;
+    // Whatever else writes to stdout (a library's printf) goes to stderr, not into the events.
+    nix::unistd::dup2_stdout(std::io::stderr()).context("pointing stdout at stderr")?;
+    let mut out = Out { sock: UnixStream::from(events), buf: Vec::new() };
+    // A reader thread, so that requests and cancels arrive while generations run. It sleeps
+    // on the request socket alone: nothing wakes it but a request.
     let (tx, rx) = mpsc::channel::<Request>();
-    std::thread::spawn(move || {
+    let reader = std::thread::Builder::new().name(REQUEST_THREAD.into()).spawn(move || {
         for line in BufReader::new(sock).lines() {
             let Ok(line) = line else { break };
             match serde_json::from_str::<Request>(&line) {
@@ -98,6 +105,7 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
             }
         }
     });
+    reader.context("starting the request thread")?;
     // kilnd sends Load once the worker is in its cgroup: nothing is allocated before.
     match rx.recv() {
         Ok(Request::Load) => {}

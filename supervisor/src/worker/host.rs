@@ -14,7 +14,6 @@ use anyhow::{Context as _, Result, anyhow};
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::net::UnixStream;
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
 
 use super::{ErrorKind, Event, Finish, ModelInfo, Request, Sampling};
@@ -298,8 +297,10 @@ impl ModelWorker {
 
 struct Proc {
     child: tokio::process::Child,
-    lines: Lines<BufReader<OwnedReadHalf>>,
-    write: OwnedWriteHalf,
+    /// The worker's events (its stdout).
+    lines: Lines<BufReader<UnixStream>>,
+    /// Requests to the worker (its stdin).
+    write: UnixStream,
     events_before: MemoryEvents,
 }
 
@@ -651,7 +652,12 @@ impl Task {
             }
         };
         self.rt().prepare_load(&c.model_id, from == "hot");
-        let (ours, theirs) = std::os::unix::net::UnixStream::pair().context("creating the worker socket")?;
+        // One socket pair each way: requests on the worker's stdin, events on its stdout. With
+        // one socket for both, every event kilnd read woke the worker's request-reading thread
+        // (reading frees the writer's send buffer, and that wakes every thread waiting on the
+        // writer's socket): a context switch on a core the decode threads use, once per token.
+        let (req_ours, req_theirs) = std::os::unix::net::UnixStream::pair().context("creating the worker socket")?;
+        let (ev_ours, ev_theirs) = std::os::unix::net::UnixStream::pair().context("creating the worker socket")?;
         let mut cmd = tokio::process::Command::new(&c.exe);
         cmd.arg("worker")
             .arg("--gguf")
@@ -664,9 +670,11 @@ impl Task {
         if let Some(dir) = &c.prefix_dir {
             cmd.arg("--prefix-dir").arg(dir);
         }
-        cmd.stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs))).stdout(Stdio::null()).kill_on_drop(true);
+        cmd.stdin(Stdio::from(std::os::fd::OwnedFd::from(req_theirs)))
+            .stdout(Stdio::from(std::os::fd::OwnedFd::from(ev_theirs)))
+            .kill_on_drop(true);
         let mut child = cmd.spawn().with_context(|| format!("starting {} worker", c.exe.display()))?;
-        // The command holds our copy of the worker's end of the socket: without dropping it,
+        // The command holds our copy of the worker's ends of the sockets: without dropping it,
         // a worker that dies while loading would never close the socket for us.
         drop(cmd);
         let pid = child.id().unwrap_or(0);
@@ -678,9 +686,10 @@ impl Task {
                 .with_context(|| format!("placing the worker in cgroup {}", cg.name()))?;
             events_before = backend.memory_events(cg).unwrap_or_default();
         }
-        ours.set_nonblocking(true).context("socket")?;
-        let (read, mut write) = UnixStream::from_std(ours).context("socket")?.into_split();
-        let mut lines = BufReader::new(read).lines();
+        req_ours.set_nonblocking(true).context("socket")?;
+        ev_ours.set_nonblocking(true).context("socket")?;
+        let mut write = UnixStream::from_std(req_ours).context("socket")?;
+        let mut lines = BufReader::new(UnixStream::from_std(ev_ours).context("socket")?).lines();
         send(&mut write, &Request::Load).await?;
         let first = tokio::time::timeout(c.load_timeout, lines.next_line())
             .await
@@ -770,7 +779,7 @@ async fn proc_event(proc: &mut Option<Proc>, lines: bool) -> ProcEvent {
     }
 }
 
-async fn send(w: &mut OwnedWriteHalf, req: &Request) -> Result<()> {
+async fn send(w: &mut UnixStream, req: &Request) -> Result<()> {
     let mut line = serde_json::to_vec(req)?;
     line.push(b'\n');
     w.write_all(&line).await.context("writing to the worker")

@@ -1,6 +1,7 @@
 //! Inference workers: one process per loaded model (`kilnd worker`, hidden), placed in the
-//! model's cgroup before it loads anything, talking to kilnd over a Unix socket pair handed
-//! to it as its stdin. The protocol is one JSON object per line each way.
+//! model's cgroup before it loads anything, talking to kilnd over two Unix socket pairs, one
+//! each way (requests on its stdin, events on its stdout). The protocol is one JSON object per
+//! line each way.
 //!
 //! kilnd → worker: [`Request`]. worker → kilnd: [`Event`]. A worker runs up to the model's
 //! `parallel` generations at once, decoded together; kilnd sends that many, queues the rest
