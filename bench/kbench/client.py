@@ -1,7 +1,9 @@
 """A small HTTP client for both servers: timed streaming (SSE) and plain JSON requests."""
 
+import bisect
 import http.client
 import json
+import socket
 import time
 import urllib.parse
 
@@ -106,6 +108,124 @@ class Conn:
             text="".join(text),
         )
         return out
+
+
+def stream_quiet(url, path, body, timeout=600):
+    """A streaming request that takes as little of the machine's CPU as a client can while the
+    server generates: its own connection (`connection: close`), each arrival only received and
+    timestamped, everything parsed once the server has closed. A client that parses every chunk
+    as it arrives (`Conn.stream`) runs on the same cores as the server's decode threads, and its
+    CPU time comes off the rate being measured; a device's real client is usually on another
+    machine. Returns what `Conn.stream` returns."""
+    u = urllib.parse.urlparse(url)
+    body = dict(body, stream=True, stream_options={"include_usage": True})
+    data = json.dumps(body).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nhost: {u.hostname}:{u.port}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(data)}\r\naccept: text/event-stream\r\nconnection: close\r\n\r\n"
+    ).encode()
+    s = socket.create_connection((u.hostname, u.port), timeout=timeout)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    arrivals = []
+    recv, now, keep = s.recv, time.perf_counter, arrivals.append
+    try:
+        t0 = now()
+        s.sendall(head + data)
+        while True:
+            b = recv(65536)
+            t = now()
+            if not b:
+                break
+            keep((b, t))
+    finally:
+        s.close()
+    return parse_stream(arrivals, t0)
+
+
+def parse_stream(arrivals, t0):
+    """Parses a whole HTTP/1.1 response received as (bytes, arrival time) pieces: the status,
+    headers, the body (chunked or not), and each server-sent event timed by the arrival of its
+    last byte."""
+    raw = b"".join(b for b, _ in arrivals)
+    ends, n = [], 0
+    for b, _ in arrivals:
+        n += len(b)
+        ends.append(n)
+    times = [t for _, t in arrivals]
+
+    def arrived(off):  # the time the byte at raw offset `off` arrived
+        return times[bisect.bisect_right(ends, off)] - t0
+
+    hend = raw.find(b"\r\n\r\n")
+    if hend < 0:
+        raise RuntimeError(f"no complete HTTP response head in {raw[:200]!r}")
+    lines = raw[:hend].decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for ln in lines[1:]:
+        k, _, v = ln.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    # The body as (raw offset, bytes) pieces: one per chunk when chunked.
+    pieces, pos = [], hend + 4
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        while True:
+            eol = raw.index(b"\r\n", pos)
+            size = int(raw[pos:eol].split(b";")[0], 16)
+            if size == 0:
+                break
+            pieces.append((eol + 2, raw[eol + 2 : eol + 2 + size]))
+            pos = eol + 2 + size + 2
+    else:
+        pieces.append((pos, raw[pos:]))
+    out = {"status": status, "headers": headers, "ttft": None, "total": times[-1] - t0 if times else 0.0}
+    if status != 200:
+        out["body"] = b"".join(p for _, p in pieces).decode(errors="replace")
+        return out
+    body = b"".join(p for _, p in pieces)
+    starts = [o for o, _ in pieces]
+    bstarts, n = [], 0
+    for _, p in pieces:
+        bstarts.append(n)
+        n += len(p)
+
+    def raw_offset(boff):  # body offset -> raw offset
+        i = bisect.bisect_right(bstarts, boff) - 1
+        return starts[i] + (boff - bstarts[i])
+
+    chunks, t_last, usage, timings, text = 0, None, None, None, []
+    at = 0
+    for ev in body.split(b"\n\n"):
+        end = at + len(ev)
+        at = end + 2
+        for line in ev.split(b"\n"):
+            line = line.strip()
+            if not line.startswith(b"data: "):
+                continue
+            payload = line[6:]
+            if payload == b"[DONE]":
+                continue
+            e = json.loads(payload)
+            if e.get("usage"):
+                usage = e["usage"]
+            if e.get("timings"):
+                timings = e["timings"]
+            for ch in e.get("choices") or []:
+                piece = (ch.get("delta") or {}).get("content") or ch.get("text") or ""
+                if piece:
+                    chunks += 1
+                    text.append(piece)
+                    t_last = arrived(raw_offset(max(end - 1, 0)))
+                    if out["ttft"] is None:
+                        out["ttft"] = t_last
+    out.update(
+        content_chunks=chunks,
+        t_last=t_last,
+        completion_tokens=(usage or {}).get("completion_tokens", chunks),
+        prompt_tokens=(usage or {}).get("prompt_tokens"),
+        timings=timings,
+        text="".join(text),
+    )
+    return out
 
 
 def decode_rate(res):
