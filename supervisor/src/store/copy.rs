@@ -82,6 +82,14 @@ impl Digests {
 pub(crate) const KERNEL_COPY_CHUNK_BYTES: usize = 1 << 20;
 /// Chunks the in-kernel copy may run ahead of the hashing thread.
 const KERNEL_COPY_CHUNKS_AHEAD: usize = 2;
+/// How far ahead of an unthrottled in-kernel copy its source is asked into the page cache
+/// (POSIX_FADV_WILLNEED, a chunk at a time), so that the disk always has the next reads
+/// queued while sendfile copies. Measured with `kilnd prewarm --now` from a store whose page
+/// cache was dropped, against the same binary without it, interleaved: 1,225 against 992 MB/s
+/// (31 rounds), its slowest round 917 MB/s against 673; in a period when the VM's disk read
+/// slower, 866 against 903 (11 rounds, within the noise). A throttled copy is left to the
+/// kernel's own readahead: it is meant to stay out of the disk's way.
+const KERNEL_COPY_READAHEAD_BYTES: u64 = 4 << 20;
 /// The hashing thread reads a copied chunk back in pieces of this size (kept in L2).
 const READ_BACK_BYTES: usize = 256 << 10;
 /// Smallest chunk of a throttled copy, so the syscall count stays sane.
@@ -267,6 +275,8 @@ impl Pump<'_> {
     ) -> Result<H, KernelCopyError<H>> {
         let start = Instant::now();
         let mut offset: i64 = 0;
+        let readahead = self.rate_limit_bytes_per_sec.is_none_or(|r| r == 0);
+        let mut advised: u64 = 0;
         std::thread::scope(|scope| {
             let (tx, rx) = sync_channel::<(u64, usize)>(KERNEL_COPY_CHUNKS_AHEAD);
             let hasher = std::thread::Builder::new()
@@ -291,6 +301,19 @@ impl Pump<'_> {
                     return Err(Some(PumpError::Cancelled));
                 }
                 let at = offset as u64;
+                if readahead {
+                    let want = (at + KERNEL_COPY_READAHEAD_BYTES).min(self.total_bytes);
+                    if want >= advised + chunk_bytes as u64 || (want == self.total_bytes && want > advised) {
+                        // A hint: refused, the kernel's own readahead still reads ahead.
+                        let _ = posix_fadvise(
+                            src.as_fd(),
+                            advised as i64,
+                            (want - advised) as i64,
+                            PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+                        );
+                        advised = want;
+                    }
+                }
                 let len = match sendfile(dst.as_fd(), src.as_fd(), Some(&mut offset), chunk_bytes) {
                     Ok(len) => len,
                     Err(Errno::EINTR) => continue,
