@@ -50,6 +50,10 @@ def verdict(row):
     off = abs(value / bound - 1) * 100
     side = "over" if value > bound else "under"
     what = "ratio " + fmt(value, "ratio") if t.startswith("ratio") else f"{fmt(value)} {row['unit']}"
+    if off < 0.05:
+        # A miss too small to show at the figures' precision: four places, not "0.0%".
+        what = f"ratio {value:.4f}" if t.startswith("ratio") else f"{value:.4g} {row['unit']}"
+        return f"**missed**: {what}, {off:.2f}% {side} the target"
     return f"**missed**: {what}, {off:.1f}% {side} the target"
 
 
