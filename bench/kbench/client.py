@@ -8,6 +8,40 @@ import time
 import urllib.parse
 
 
+class _Tally:
+    """What a stream's server-sent events add up to: the content chunks and their text, the usage
+    and llama-server's timings, and the times of the first and last content chunk (`when`: the
+    event's time, or a function giving it, called only for content)."""
+
+    def __init__(self):
+        self.chunks, self.ttft, self.t_last, self.usage, self.timings, self.text = 0, None, None, None, None, []
+
+    def add(self, ev, when):
+        if ev.get("usage"):
+            self.usage = ev["usage"]
+        if ev.get("timings"):
+            self.timings = ev["timings"]
+        for ch in ev.get("choices") or []:
+            piece = (ch.get("delta") or {}).get("content") or ch.get("text") or ""
+            if piece:
+                self.chunks += 1
+                self.text.append(piece)
+                self.t_last = when() if callable(when) else when
+                if self.ttft is None:
+                    self.ttft = self.t_last
+
+    def fields(self):
+        return dict(
+            ttft=self.ttft,
+            content_chunks=self.chunks,
+            t_last=self.t_last,
+            completion_tokens=(self.usage or {}).get("completion_tokens", self.chunks),
+            prompt_tokens=(self.usage or {}).get("prompt_tokens"),
+            timings=self.timings,
+            text="".join(self.text),
+        )
+
+
 class Conn:
     """One keep-alive connection to a server (both kilnd and llama-server keep connections open)."""
 
@@ -72,7 +106,7 @@ class Conn:
             out["body"] = r.read().decode(errors="replace")
             out["total"] = time.perf_counter() - t0
             return out
-        chunks, t_last, usage, timings, text = 0, None, None, None, []
+        tally = _Tally()
         while True:
             line = r.readline()
             if not line:
@@ -83,30 +117,10 @@ class Conn:
             payload = line[6:]
             if payload == b"[DONE]":
                 break
-            now = time.perf_counter()
-            ev = json.loads(payload)
-            if ev.get("usage"):
-                usage = ev["usage"]
-            if ev.get("timings"):
-                timings = ev["timings"]
-            for ch in ev.get("choices") or []:
-                piece = (ch.get("delta") or {}).get("content") or ch.get("text") or ""
-                if piece:
-                    chunks += 1
-                    text.append(piece)
-                    t_last = now
-                    if out["ttft"] is None:
-                        out["ttft"] = now - t0
+            now = time.perf_counter() - t0
+            tally.add(json.loads(payload), now)
         r.read()
-        out.update(
-            total=time.perf_counter() - t0,
-            content_chunks=chunks,
-            t_last=None if t_last is None else t_last - t0,
-            completion_tokens=(usage or {}).get("completion_tokens", chunks),
-            prompt_tokens=(usage or {}).get("prompt_tokens"),
-            timings=timings,
-            text="".join(text),
-        )
+        out.update(total=time.perf_counter() - t0, **tally.fields())
         return out
 
 
@@ -192,39 +206,15 @@ def parse_stream(arrivals, t0):
         i = bisect.bisect_right(bstarts, boff) - 1
         return starts[i] + (boff - bstarts[i])
 
-    chunks, t_last, usage, timings, text = 0, None, None, None, []
-    at = 0
+    tally, at = _Tally(), 0
     for ev in body.split(b"\n\n"):
         end = at + len(ev)
         at = end + 2
         for line in ev.split(b"\n"):
             line = line.strip()
-            if not line.startswith(b"data: "):
-                continue
-            payload = line[6:]
-            if payload == b"[DONE]":
-                continue
-            e = json.loads(payload)
-            if e.get("usage"):
-                usage = e["usage"]
-            if e.get("timings"):
-                timings = e["timings"]
-            for ch in e.get("choices") or []:
-                piece = (ch.get("delta") or {}).get("content") or ch.get("text") or ""
-                if piece:
-                    chunks += 1
-                    text.append(piece)
-                    t_last = arrived(raw_offset(max(end - 1, 0)))
-                    if out["ttft"] is None:
-                        out["ttft"] = t_last
-    out.update(
-        content_chunks=chunks,
-        t_last=t_last,
-        completion_tokens=(usage or {}).get("completion_tokens", chunks),
-        prompt_tokens=(usage or {}).get("prompt_tokens"),
-        timings=timings,
-        text="".join(text),
-    )
+            if line.startswith(b"data: ") and line[6:] != b"[DONE]":
+                tally.add(json.loads(line[6:]), lambda: arrived(raw_offset(max(end - 1, 0))))
+    out.update(**tally.fields())
     return out
 
 
