@@ -49,12 +49,13 @@ def verdict(row):
     value = row["ratio"] if t.startswith("ratio") else row["kiln"]
     off = abs(value / bound - 1) * 100
     side = "over" if value > bound else "under"
-    what = "ratio " + fmt(value, "ratio") if t.startswith("ratio") else f"{fmt(value)} {row['unit']}"
-    if off < 0.05:
-        # A miss too small to show at the figures' precision: four places, not "0.0%".
-        what = f"ratio {value:.4f}" if t.startswith("ratio") else f"{value:.4g} {row['unit']}"
-        return f"**missed**: {what}, {off:.2f}% {side} the target"
-    return f"**missed**: {what}, {off:.1f}% {side} the target"
+    # A miss too small to show at the figures' precision gets four places, not "0.0%".
+    tiny = off < 0.05
+    if t.startswith("ratio"):
+        what = f"ratio {value:.4f}" if tiny else "ratio " + fmt(value, "ratio")
+    else:
+        what = f"{value:.4g} {row['unit']}" if tiny else f"{fmt(value)} {row['unit']}"
+    return f"**missed**: {what}, {off:.{2 if tiny else 1}f}% {side} the target"
 
 
 def write(repo, results_dir, order, machine, commands):

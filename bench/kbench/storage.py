@@ -202,20 +202,24 @@ def builder(ctx, rounds):
     spec = os.path.join(ctx.src, "examples/generic-x86_64.yaml")
     kilnd = ctx.kilnd
     full, rebuild, steps = [], [], {}
+
+    def build(spec_path, out_dir, **kw):
+        return _timed([ctx.kiln, "build", spec_path, "--out", out_dir, "--kilnd", kilnd], **kw)
+
     # One untimed build first: on a machine whose kiln cache has no Debian base yet it is
     # bootstrapped here, so that every timed round finds it cached (the build from scratch is
     # measured on its own below).
     out = ctx.state("build-warm-up")
     shutil.rmtree(out, ignore_errors=True)
-    ctx.log(f"build warm-up (base into the cache if missing): {_timed([ctx.kiln, 'build', spec, '--out', out, '--kilnd', kilnd]):.1f} s")
+    ctx.log(f"build warm-up (base into the cache if missing): {build(spec, out):.1f} s")
     shutil.rmtree(out, ignore_errors=True)
     for r in range(rounds):
         ctx.quiet()
         out = ctx.state(f"build-{r}")
         shutil.rmtree(out, ignore_errors=True)
-        full.append(_timed([ctx.kiln, "build", spec, "--out", out, "--kilnd", kilnd]))
+        full.append(build(spec, out))
         changed = _copy_spec(ctx, spec, 20 + r)
-        rebuild.append(_timed([ctx.kiln, "build", changed, "--out", out, "--kilnd", kilnd], steps=steps))
+        rebuild.append(build(changed, out, steps=steps))
         ctx.log(f"build round {r}: build {full[-1]:.1f} s, config-only rebuild {rebuild[-1]:.1f} s")
     images = [f for f in os.listdir(out) if f.endswith(".img")]
     if len(images) != 1:
@@ -244,8 +248,7 @@ def builder(ctx, rounds):
     shutil.rmtree(cold_out, ignore_errors=True)
     cold_steps = {}
     ctx.quiet()
-    cold = _timed([ctx.kiln, "build", spec, "--out", cold_out, "--kilnd", kilnd],
-                  env=dict(os.environ, KILN_CACHE=cold_cache), steps=cold_steps)
+    cold = build(spec, cold_out, env=dict(os.environ, KILN_CACHE=cold_cache), steps=cold_steps)
     shutil.rmtree(cold_cache, ignore_errors=True)
     shutil.rmtree(cold_out, ignore_errors=True)
     ctx.log(f"build from scratch: {cold:.1f} s")

@@ -303,7 +303,8 @@ impl Pump<'_> {
                 let at = offset as u64;
                 if readahead {
                     let want = (at + KERNEL_COPY_READAHEAD_BYTES).min(self.total_bytes);
-                    if want >= advised + chunk_bytes as u64 || (want == self.total_bytes && want > advised) {
+                    // A chunk's worth at a time, and the file's last piece however short.
+                    if want > advised && (want - advised >= chunk_bytes as u64 || want == self.total_bytes) {
                         // A hint: refused, the kernel's own readahead still reads ahead.
                         let _ = posix_fadvise(
                             src.as_fd(),
